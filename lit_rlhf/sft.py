@@ -1,0 +1,118 @@
+"""Stage 1: supervised fine-tuning of a causal LM on prompt → completion data, loss on completion tokens only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.text import Perplexity
+
+from lit_rlhf.models import DType, LoraOptions, export_pretrained, load_causal_lm, load_tokenizer
+from lit_rlhf.optim import SchedulerName, build_optimizers
+
+
+def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed negative log-likelihood of the labelled tokens, and their count.
+
+    Position t predicts token t+1; labels equal to -100 (prompt and padding) do not count.
+
+    Shape: logits (B, T, V), labels (B, T) -> nll (B,), tokens (B,).
+    """
+    shifted_logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logprobs = torch.log_softmax(shifted_logits, dim=-1)
+    token_lp = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(token_lp * mask).sum(-1), mask.sum(-1)
+
+
+class SFTModule(L.LightningModule):
+    """Supervised fine-tuning: causal-LM cross-entropy on the completion tokens, perplexity on val/test.
+
+    Args:
+        model: Bundled name, hub id or path of the causal LM to fine-tune.
+        lora: LoRA adapter settings; None fine-tunes every weight.
+        learning_rate: Peak learning rate of the default AdamW optimizer.
+        weight_decay: Weight decay of the default AdamW optimizer.
+        optimizer: Any optimizer factory, e.g. ``bitsandbytes.optim.AdamW8bit`` by ``class_path``; overrides
+            ``learning_rate`` / ``weight_decay`` (set them in its ``init_args``).
+        scheduler: Learning-rate schedule after warm-up.
+        warmup_ratio: Share of all optimizer steps spent warming up linearly from zero.
+        dtype: Weight dtype.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        lora: LoraOptions | None = None,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: SchedulerName = "cosine",
+        warmup_ratio: float = 0.05,
+        dtype: DType = "float32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.model = load_causal_lm(model, dtype=dtype, lora=lora)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.tokenizer = load_tokenizer(model, padding_side="right")
+        self.perplexity = torch.nn.ModuleDict({s: Perplexity(ignore_index=-100) for s in ("val", "test")})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Shape: (B, T) -> logits (B, T, V)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        nll, tokens = completion_nll(logits, batch["labels"])
+        # Mean over all completion tokens in the batch, so long completions weigh as much as their tokens.
+        count = int(tokens.sum())
+        return nll.sum() / max(count, 1), logits, count
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _, count = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("train/tokens", float(count), reduce_fx="sum", batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        loss, logits, _ = self._loss(batch)
+        self.perplexity[stage](logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.log(f"{stage}/loss", loss, batch_size=len(batch["input_ids"]), sync_dist=True)
+        self.log(f"{stage}/perplexity", self.perplexity[stage], batch_size=len(batch["input_ids"]), prog_bar=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-example completion NLL and token count."""
+        nll, tokens = completion_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        return {"nll": nll, "tokens": tokens}
+
+    def configure_optimizers(self):
+        return build_optimizers(
+            self,
+            self.optimizer_factory,
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            self.hparams.scheduler,
+            self.hparams.warmup_ratio,
+        )
+
+    def export_model(self):
+        """The model and tokenizer to save in plain transformers format (see ``HFExportCallback``)."""
+        return self.model, self.tokenizer
+
+    def export(self, path: str | Path) -> Path:
+        """Save a checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads (LoRA merged)."""
+        return export_pretrained(self.model, self.tokenizer, path)
