@@ -1,0 +1,257 @@
+"""Preference pairs for reward-model training: read/write functions and ``PreferenceDataModule``."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lit_rlhf.data.formats import (
+    PreferenceExample,
+    encode_prompt_response,
+    load_examples,
+    parse_preference_row,
+    split_off,
+)
+from lit_rlhf.models import load_tokenizer, resolve
+
+
+def read_preferences(
+    source: str | Path,
+    tokenizer: PreTrainedTokenizerBase | str | None = None,
+    split: str = "train",
+    skip_invalid: bool = False,
+    hub_kwargs: Mapping[str, Any] | None = None,
+    stats: dict[str, int] | None = None,
+) -> list[PreferenceExample]:
+    """Read a preference file (or ``datasets`` source) into examples, dropping pairs whose responses are identical.
+
+    Args:
+        source: A ``.jsonl`` / ``.json`` / ``.csv`` (optionally ``.gz``) / ``.parquet`` file, a dataset folder, or a hub
+            dataset name. Row formats are detected per row (see :func:`~lit_rlhf.data.formats.parse_preference_row`).
+        tokenizer: Tokenizer (or its name) whose chat template renders conversational rows; None renders them as
+            ``"role: content"`` lines.
+        split: Split to load from a folder or hub dataset; ignored for files.
+        skip_invalid: Skip and count bad rows instead of raising :class:`~lit_rlhf.data.formats.DataFormatError`.
+        hub_kwargs: Extra ``datasets.load_dataset`` arguments (``data_dir``, ``name``, ``revision`` ...).
+        stats: If given, filled with the counts ``rows``, ``kept``, ``invalid``, ``identical``, ``realigned``.
+    """
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer, padding_side="right")
+
+    def parse(row: Mapping[str, Any], file: str, line: int, counts: Counter) -> PreferenceExample | None:
+        example = parse_preference_row(row, tokenizer, file, line, counts)
+        if example.chosen == example.rejected:
+            counts["identical"] += 1
+            return None
+        return example
+
+    examples, counts = load_examples(source, parse, split, skip_invalid, hub_kwargs, what="preference rows")
+    if stats is not None:
+        stats.update({key: counts.get(key, 0) for key in ("rows", "kept", "invalid", "identical", "realigned")})
+    return examples
+
+
+def write_preferences(pairs: Iterable[PreferenceExample], path: str | Path) -> Path:
+    """Write pairs as JSON lines ``{"prompt", "chosen", "rejected"[, "margin"]}`` (gzip if the name ends in ``.gz``).
+
+    :class:`PreferenceDataModule` and :func:`read_preferences` read the file back to equal examples; ``margin`` is
+    written only when it is not 0.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as handle:
+        for pair in pairs:
+            row: dict[str, Any] = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+            if pair.margin:
+                row["margin"] = pair.margin
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+class PreferenceDataset(Dataset):
+    """Examples encoded on access with :func:`~lit_rlhf.data.formats.encode_prompt_response`."""
+
+    def __init__(self, examples: list[PreferenceExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        return {
+            "chosen_input_ids": encode_prompt_response(self.tokenizer, example.prompt, example.chosen, self.max_length),
+            "rejected_input_ids": encode_prompt_response(
+                self.tokenizer, example.prompt, example.rejected, self.max_length
+            ),
+            "margin": example.margin,
+        }
+
+
+def pad_right(sequences: list[list[int]], pad_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists to ``length``. Shape: (B, length) ids and (B, length) attention mask (1 on real tokens)."""
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
+class PreferenceCollator:
+    """Batch preference items; chosen and rejected are padded to one common length so a model can stack them."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(item[key]) for item in items for key in ("chosen_input_ids", "rejected_input_ids"))
+        chosen_ids, chosen_mask = pad_right([item["chosen_input_ids"] for item in items], self.pad_id, length)
+        rejected_ids, rejected_mask = pad_right([item["rejected_input_ids"] for item in items], self.pad_id, length)
+        return {
+            "chosen_input_ids": chosen_ids,
+            "chosen_attention_mask": chosen_mask,
+            "rejected_input_ids": rejected_ids,
+            "rejected_attention_mask": rejected_mask,
+            "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
+        }
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs (chosen / rejected responses to one prompt) for Bradley–Terry reward-model training.
+
+    Reads hh-rlhf transcripts, ``prompt``/``chosen``/``rejected`` plain text or conversational message lists, with an
+    optional ``margin`` column, detected per row. Batches: ``chosen_input_ids``, ``chosen_attention_mask``,
+    ``rejected_input_ids``, ``rejected_attention_mask`` (all (B, T) long, right-padded to one T) and ``margin`` (B,)
+    float. Per-split counts are in :attr:`stats` after ``setup``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        max_length: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+        train_split: str = "train",
+        val_split: str = "test",
+        test_split: str = "test",
+        hub_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Tokenizer of the reward model: bundled name, hub id or local path (linked to the model's
+                backbone by the CLI). Its chat template renders conversational rows.
+            train_path: Training pairs: a ``.jsonl`` / ``.json`` / ``.csv`` (``.gz`` allowed) / ``.parquet`` file, a
+                dataset folder, or a hub dataset name such as ``Anthropic/hh-rlhf``.
+            val_path: Validation pairs, same kinds of source. Leave None to use ``val_fraction`` or no validation.
+            test_path: Test pairs, same kinds of source.
+            val_fraction: Fraction of the training rows held out for validation (deterministic given ``seed``);
+                0 disables. Cannot be combined with ``val_path``.
+            seed: Seed for the validation carve-out and the training shuffle order.
+            max_length: Longest encoded prompt + response; the prompt is cut from the left to keep the response.
+            batch_size: Pairs per batch.
+            num_workers: DataLoader worker processes (0 encodes in the main process).
+            skip_invalid: Skip and count bad rows instead of stopping at the first with a ``DataFormatError``.
+            train_split: Split name for ``train_path`` when it is a folder or hub dataset.
+            val_split: Split name for ``val_path`` when it is a folder or hub dataset.
+            test_split: Split name for ``test_path`` when it is a folder or hub dataset.
+            hub_kwargs: Extra ``datasets.load_dataset`` arguments for folder / hub sources, e.g.
+                ``{"data_dir": "harmless-base"}``.
+        """
+        super().__init__()
+        if val_path is not None and val_fraction:
+            raise ValueError("Give either val_path or val_fraction, not both.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}.")
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.paths = {"train": train_path, "val": val_path, "test": test_path}
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.val_fraction, self.seed = val_fraction, seed
+        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
+        self.skip_invalid, self.hub_kwargs = skip_invalid, hub_kwargs
+        self.stats: dict[str, dict[str, int]] = {}
+        """Counts per split (``rows``, ``kept``, ``invalid``, ``identical``, ``realigned``; ``held_out`` on train
+        when ``val_fraction`` carves a validation set)."""
+        self.examples: dict[str, list[PreferenceExample]] = {}
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer (right padding), loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name, padding_side="right")
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        resolve(self.tokenizer_name)  # builds a bundled checkpoint once, on one process
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        for split in needed.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
+            self._load(split)
+
+    def _load(self, split: str) -> None:
+        if split in self.examples:
+            return
+        if split == "val" and self.val_fraction:
+            self._load("train")
+            return
+        path = self.paths[split]
+        if path is None:
+            if split == "train":
+                raise ValueError("PreferenceDataModule needs train_path to fit (data.train_path in the config).")
+            return
+        stats: dict[str, int] = {}
+        examples = read_preferences(
+            path, self.tokenizer, self.splits[split], self.skip_invalid, self.hub_kwargs, stats=stats
+        )
+        if split == "train" and self.val_fraction:
+            examples, val = split_off(examples, self.val_fraction, self.seed)
+            stats["held_out"] = len(val)
+            stats["kept"] = len(examples)
+            self.examples["val"] = val
+            self.stats["val"] = {"rows": len(val), "kept": len(val), "invalid": 0, "identical": 0, "realigned": 0}
+        self.examples[split] = examples
+        self.stats[split] = stats
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self._load(split)
+        if split not in self.examples:
+            return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            PreferenceDataset(self.examples[split], self.tokenizer, self.max_length),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

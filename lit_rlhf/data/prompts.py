@@ -1,0 +1,277 @@
+"""Prompts for RL rollouts: ``PromptDataModule`` (left-padded batches) and the packaged prompt set."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lit_rlhf.data.formats import (
+    DataFormatError,
+    Message,
+    has_chat_template,
+    load_examples,
+    parse_messages,
+    render_messages,
+    special_token_template,
+    tokenize,
+)
+from lit_rlhf.models import load_tokenizer, resolve
+
+PACKAGED_DIR = Path(__file__).with_name("prompts")
+"""Folder of the packaged prompt set: ``train.jsonl`` and ``heldout.jsonl``, one ``{"prompt": ...}`` per line."""
+PACKAGED_SPLITS = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as read: the raw ``text`` (what rewards see) and, for ``messages`` rows, the conversation."""
+
+    text: str
+    messages: tuple[Message, ...] | None = None
+
+
+def _parse_prompt(row: Mapping[str, Any], file: str, line: int, counts: Counter) -> Prompt:
+    value = row.get("prompt")
+    if value is None and row.get("messages") is not None:
+        value, field = row["messages"], "messages"
+    else:
+        field = "prompt"
+    if value is None:
+        raise DataFormatError(file, line, "prompt", "missing (give 'prompt' text or a 'messages' list)")
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataFormatError(file, line, field, "empty prompt")
+        return Prompt(value)
+    messages = parse_messages(value, field, file, line)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return Prompt(messages[0]["content"], tuple(messages))
+    return Prompt(render_messages(messages, None), tuple(messages))
+
+
+def _source(path: str | None, split: str) -> str:
+    if path is not None:
+        return path
+    if split not in PACKAGED_SPLITS:
+        raise ValueError(f"The packaged prompt set has splits {PACKAGED_SPLITS}, not {split!r}.")
+    return str(PACKAGED_DIR / f"{split}.jsonl")
+
+
+def read_prompts(
+    path: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    hub_kwargs: Mapping[str, Any] | None = None,
+) -> list[Prompt]:
+    """Read prompts (``prompt`` text or ``messages`` rows) from a file, folder or hub dataset, or the packaged set.
+
+    Args:
+        path: ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, dataset folder or hub name; None for the
+            packaged set.
+        split: ``train`` or ``heldout`` for the packaged set; the split name for a folder or hub dataset.
+        limit: Keep only the first ``limit`` prompts.
+        hub_kwargs: Extra ``datasets.load_dataset`` arguments.
+    """
+    source = _source(path, split)
+    prompts, _ = load_examples(source, _parse_prompt, split, hub_kwargs=hub_kwargs, what="prompts")
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive or None, got {limit}.")
+        prompts = prompts[:limit]
+    return prompts
+
+
+def load_prompts(path: str | None = None, split: str = "train", limit: int | None = None) -> list[str]:
+    """Raw prompt texts (see :func:`read_prompts`); ``load_prompts()`` is the packaged training set."""
+    return [prompt.text for prompt in read_prompts(path, split, limit)]
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Prompt | str,
+    max_prompt_length: int,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+) -> list[int]:
+    """Generation-ready ids for one prompt, the last ``max_prompt_length`` tokens kept.
+
+    With ``chat_template`` and a tokenizer that has one, the prompt becomes a user message (after ``system_prompt``)
+    rendered with ``add_generation_prompt=True``. Otherwise the raw text (``system_prompt`` and a blank line before
+    it) gets the tokenizer's leading special tokens, which left truncation keeps.
+    """
+    if isinstance(prompt, str):
+        prompt = Prompt(prompt)
+    messages = list(prompt.messages or [{"role": "user", "content": prompt.text}])
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if chat_template and has_chat_template(tokenizer):
+        return tokenize(tokenizer, render_messages(messages, tokenizer, add_generation_prompt=True))[
+            -max_prompt_length:
+        ]
+    if prompt.messages is None:
+        text = f"{system_prompt}\n\n{prompt.text}" if system_prompt else prompt.text
+    else:
+        text = render_messages(messages, None, add_generation_prompt=True)
+    prefix = special_token_template(tokenizer, pair=False)[0]
+    if len(prefix) >= max_prompt_length:
+        raise ValueError(f"max_prompt_length={max_prompt_length} leaves no room after the leading special tokens.")
+    return prefix + tokenize(tokenizer, text)[-(max_prompt_length - len(prefix)) :]
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists to the longest. Shape: (B, P) ids and (B, P) attention mask (1 on real tokens)."""
+    length = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            ids[row, length - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, length - len(sequence) :] = 1
+    return ids, mask
+
+
+class PromptDataset(Dataset):
+    """Encoded prompts: items are ``(raw text, ids)``."""
+
+    def __init__(self, texts: list[str], ids: list[list[int]]) -> None:
+        self.texts, self.ids = texts, ids
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> tuple[str, list[int]]:
+        return self.texts[index], self.ids[index]
+
+
+class PromptCollator:
+    """Batch prompts: ``{"prompt": list[str], "input_ids": (B, P) left-padded, "attention_mask": (B, P)}``."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[tuple[str, list[int]]]) -> dict[str, Any]:
+        input_ids, attention_mask = pad_left([ids for _, ids in items], self.pad_id)
+        return {"prompt": [text for text, _ in items], "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for RL rollouts, left-padded for generation.
+
+    Batches: ``prompt`` (list of B raw prompt texts, what reward functions receive), ``input_ids`` (B, P) long
+    left-padded and ``attention_mask`` (B, P). Validation / test / predict iterate the evaluation prompts in order:
+    ``val_path``, or the packaged ``heldout`` split when both paths are None.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        path: str | None = None,
+        split: str = "train",
+        val_path: str | None = None,
+        val_split: str = "heldout",
+        max_prompt_length: int = 256,
+        batch_size: int = 8,
+        shuffle: bool = True,
+        seed: int = 0,
+        chat_template: bool = True,
+        system_prompt: str | None = None,
+        limit: int | None = None,
+        val_limit: int | None = None,
+        num_workers: int = 0,
+        hub_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Tokenizer of the policy: bundled name, hub id or path (linked to ``model.policy`` by the CLI).
+            path: Prompt source: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file with a ``prompt`` (text) or
+                ``messages`` (list of {role, content}) field, a dataset folder, or a hub dataset name. None uses the
+                packaged everyday-prompt set.
+            split: ``train`` or ``heldout`` for the packaged set; the split name for a folder or hub dataset.
+            val_path: Evaluation prompts, same kinds of source. None: the packaged set's ``val_split`` when ``path``
+                is None too, otherwise no validation.
+            val_split: Split for the evaluation prompts (``heldout`` for the packaged set).
+            max_prompt_length: Longest prompt in tokens after rendering; longer prompts lose their beginning.
+            batch_size: Prompts per rollout batch.
+            shuffle: Shuffle training prompts each epoch.
+            seed: Seed of the shuffle order.
+            chat_template: Wrap each prompt as a user message and render it with the tokenizer's chat template
+                (``add_generation_prompt=True``); tokenizers without a template get the raw text.
+            system_prompt: System message put before every prompt (a text prefix when no chat template is used).
+            limit: Use only the first ``limit`` training prompts (quick runs).
+            val_limit: Use only the first ``val_limit`` evaluation prompts.
+            num_workers: DataLoader worker processes.
+            hub_kwargs: Extra ``datasets.load_dataset`` arguments for folder / hub sources.
+        """
+        super().__init__()
+        if max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}.")
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.path, self.split, self.val_path, self.val_split = path, split, val_path, val_split
+        self.max_prompt_length, self.batch_size, self.shuffle, self.seed = max_prompt_length, batch_size, shuffle, seed
+        self.chat_template, self.system_prompt = chat_template, system_prompt
+        self.limit, self.val_limit, self.num_workers, self.hub_kwargs = limit, val_limit, num_workers, hub_kwargs
+        self.datasets: dict[str, PromptDataset] = {}
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer (left padding), loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name, padding_side="left")
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        resolve(self.tokenizer_name)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._load("train")
+        self._load("val")
+
+    def _load(self, which: str) -> PromptDataset | None:
+        if which not in self.datasets:
+            if which == "train":
+                prompts = read_prompts(self.path, self.split, self.limit, self.hub_kwargs)
+            elif self.val_path is not None or self.path is None:
+                prompts = read_prompts(self.val_path, self.val_split, self.val_limit, self.hub_kwargs)
+            else:
+                return None
+            ids = [
+                encode_prompt(self.tokenizer, p, self.max_prompt_length, self.chat_template, self.system_prompt)
+                for p in prompts
+            ]
+            self.datasets[which] = PromptDataset([p.text for p in prompts], ids)
+        return self.datasets[which]
+
+    def _loader(self, which: str, shuffle: bool) -> DataLoader:
+        dataset = self._load(which)
+        if dataset is None:
+            return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=PromptCollator(self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)

@@ -1,0 +1,219 @@
+"""Supervised fine-tuning data: prompt → completion batches with the loss on completion tokens only."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lit_rlhf.data.formats import IGNORE_INDEX, SFTExample, encode_sft, load_examples, parse_sft_row, split_off
+from lit_rlhf.models import load_tokenizer, resolve
+
+
+def read_sft(
+    source: str | Path,
+    tokenizer: PreTrainedTokenizerBase | str | None = None,
+    split: str = "train",
+    skip_invalid: bool = False,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    hub_kwargs: Mapping[str, Any] | None = None,
+    stats: dict[str, int] | None = None,
+) -> list[SFTExample]:
+    """Read SFT rows (``prompt``/``completion``, ``messages`` or hh-rlhf ``chosen``) into examples.
+
+    Args:
+        source: File, dataset folder or hub dataset name (see :func:`~lit_rlhf.data.formats.iter_rows`).
+        tokenizer: Tokenizer (or name) whose chat template renders conversations; None renders ``"role: content"``.
+        split: Split for folder / hub sources.
+        skip_invalid: Skip and count bad rows instead of raising ``DataFormatError``.
+        chat_template: Render plain ``prompt``/``completion`` rows as a user and an assistant turn.
+        system_prompt: System message before the user turn of plain rows rendered with the chat template.
+        hub_kwargs: Extra ``datasets.load_dataset`` arguments.
+        stats: If given, filled with the counts ``rows``, ``kept``, ``invalid``.
+    """
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer, padding_side="right")
+
+    def parse(row: Mapping[str, Any], file: str, line: int, counts: Counter) -> SFTExample:
+        return parse_sft_row(row, tokenizer, file, line, chat_template, system_prompt)
+
+    examples, counts = load_examples(source, parse, split, skip_invalid, hub_kwargs, what="SFT rows")
+    if stats is not None:
+        stats.update(counts)
+    return examples
+
+
+class SFTDataset(Dataset):
+    """Examples encoded on access with :func:`~lit_rlhf.data.formats.encode_sft`."""
+
+    def __init__(self, examples: list[SFTExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
+        return encode_sft(self.tokenizer, self.examples[index], self.max_length)
+
+
+class SFTCollator:
+    """Right-pad ``(ids, labels)`` items: ``input_ids`` / ``attention_mask`` / ``labels`` (B, T), labels -100 on pad."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, target) in enumerate(items):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, : len(ids)] = torch.tensor(target, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Prompt → completion pairs for supervised fine-tuning; the loss covers completion tokens only.
+
+    Row formats (detected per row): ``prompt``/``completion`` (or ``prompt``/``chosen``) text, rendered as a user and
+    an assistant turn when ``chat_template`` and the tokenizer has one, else kept as they are after the tokenizer's
+    BOS; ``messages`` conversations, trained on EVERY assistant turn; hh-rlhf ``chosen`` transcripts, trained on the
+    final response. An EOS follows the completion unless the template already ends the turn with it. Batches:
+    ``input_ids``, ``attention_mask``, ``labels`` (all (B, T) long, right-padded; labels -100 on prompt and padding,
+    unshifted).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        max_length: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+        chat_template: bool = True,
+        system_prompt: str | None = None,
+        train_split: str = "train",
+        val_split: str = "test",
+        test_split: str = "test",
+        hub_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Tokenizer of the policy: bundled name, hub id or local path (linked to the model by the CLI).
+            train_path: Training rows: a ``.jsonl`` / ``.json`` / ``.csv`` (``.gz`` allowed) / ``.parquet`` file, a
+                dataset folder, or a hub dataset name.
+            val_path: Validation rows, same kinds of source. Leave None to use ``val_fraction`` or no validation.
+            test_path: Test rows, same kinds of source.
+            val_fraction: Fraction of the training rows held out for validation (deterministic given ``seed``);
+                0 disables. Cannot be combined with ``val_path``.
+            seed: Seed for the validation carve-out and the training shuffle order.
+            max_length: Longest sequence in tokens; the prompt is cut from the left first, then the completion's end.
+            batch_size: Sequences per batch.
+            num_workers: DataLoader worker processes.
+            skip_invalid: Skip and count bad rows instead of stopping at the first with a ``DataFormatError``.
+            chat_template: Render plain ``prompt``/``completion`` rows with the tokenizer's chat template (keep True
+                when the RL stage also uses the template, so that both stages prompt the model the same way).
+            system_prompt: System message for plain rows rendered with the chat template.
+            train_split: Split name for ``train_path`` when it is a folder or hub dataset.
+            val_split: Split name for ``val_path`` when it is a folder or hub dataset.
+            test_split: Split name for ``test_path`` when it is a folder or hub dataset.
+            hub_kwargs: Extra ``datasets.load_dataset`` arguments for folder / hub sources.
+        """
+        super().__init__()
+        if val_path is not None and val_fraction:
+            raise ValueError("Give either val_path or val_fraction, not both.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.paths = {"train": train_path, "val": val_path, "test": test_path}
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.val_fraction, self.seed = val_fraction, seed
+        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
+        self.skip_invalid, self.chat_template, self.system_prompt = skip_invalid, chat_template, system_prompt
+        self.hub_kwargs = hub_kwargs
+        self.stats: dict[str, dict[str, int]] = {}
+        """Counts per split (``rows``, ``kept``, ``invalid``; ``held_out`` on train with ``val_fraction``)."""
+        self.examples: dict[str, list[SFTExample]] = {}
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer (right padding), loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name, padding_side="right")
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        resolve(self.tokenizer_name)
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        for split in needed.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
+            self._load(split)
+
+    def _load(self, split: str) -> None:
+        if split in self.examples:
+            return
+        if split == "val" and self.val_fraction:
+            self._load("train")
+            return
+        path = self.paths[split]
+        if path is None:
+            if split == "train":
+                raise ValueError("SFTDataModule needs train_path to fit (data.train_path in the config).")
+            return
+        stats: dict[str, int] = {}
+        examples = read_sft(
+            path,
+            self.tokenizer,
+            self.splits[split],
+            self.skip_invalid,
+            self.chat_template,
+            self.system_prompt,
+            self.hub_kwargs,
+            stats,
+        )
+        if split == "train" and self.val_fraction:
+            examples, val = split_off(examples, self.val_fraction, self.seed)
+            stats["held_out"], stats["kept"] = len(val), len(examples)
+            self.examples["val"] = val
+            self.stats["val"] = {"rows": len(val), "kept": len(val), "invalid": 0}
+        self.examples[split] = examples
+        self.stats[split] = stats
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self._load(split)
+        if split not in self.examples:
+            return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
+        return DataLoader(
+            SFTDataset(self.examples[split], self.tokenizer, self.max_length),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
