@@ -76,6 +76,7 @@ class RewardModelModule(L.LightningModule):
         if lora is not None and not lora.modules_to_save:
             lora.modules_to_save = ["score", "classifier"]
         self.model = load_sequence_classifier(backbone, dtype=dtype, lora=lora)
+        self.model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.tokenizer = load_tokenizer(backbone, padding_side="right")

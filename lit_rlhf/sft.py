@@ -60,6 +60,7 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model = load_causal_lm(model, dtype=dtype, lora=lora)
+        self.model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.tokenizer = load_tokenizer(model, padding_side="right")
