@@ -44,7 +44,8 @@ def test_unknown_stage_names_the_choices():
 
 
 def _fit_tiny(stage: str, recipe: str, root: Path, *extra: str) -> None:
-    run_stage(stage, ["fit", "--config", str(RECIPES / stage / recipe), "--trainer.default_root_dir", str(root), *extra])
+    config = str(RECIPES / stage / recipe)
+    run_stage(stage, ["fit", "--config", config, "--trainer.default_root_dir", str(root), *extra])
 
 
 def test_sft_tiny_recipe_runs(tmp_path):

