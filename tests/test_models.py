@@ -100,3 +100,12 @@ def test_bundled_smollm2_generates_and_minilm_scores_offline():
     ids = torch.tensor([encode_prompt_response(rm.tokenizer, "Say something nice about dogs.", reply, 128)])
     with torch.no_grad():
         assert torch.isfinite(rm(ids, torch.ones_like(ids))).all()
+
+
+def test_public_api_resolves():
+    import lit_rlhf
+
+    for name in lit_rlhf.__all__:
+        assert getattr(lit_rlhf, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        lit_rlhf.Nope  # noqa: B018
