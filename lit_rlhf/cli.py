@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib
 import sys
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+
+# Dataclass fields (GenerationOptions, LoraOptions, ...) document themselves in `--help` through their docstrings.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # stage -> (LightningModule, LightningDataModule, module argument that names the tokenizer the data must use)
 STAGES: dict[str, tuple[str, str, str]] = {

@@ -32,6 +32,8 @@ TINY_LLAMA = "tiny-llama"
 BUNDLED = (SMOLLM2, MINILM, TINY_LLAMA)
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Written last into a cached checkpoint; bump the version when the conversion changes so old caches are rebuilt.
+_CACHE_STAMP = ".lit_rlhf-v2"
 _CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -65,10 +67,13 @@ def _convert_smollm2(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
+    # The copied config still says "gguf"; left in, it makes every later save_pretrained of the policy refuse.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = target.with_name(target.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    _finish(tmp, target)
 
 
 def char_tokenizer() -> PreTrainedTokenizerBase:
@@ -115,6 +120,16 @@ def _build_tiny_llama(target: Path) -> None:
     tmp = target.with_name(target.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _finish(tmp, target)
+
+
+def _finish(tmp: Path, target: Path) -> None:
+    """Move a fully written checkpoint into place and stamp it, replacing one left by an older version."""
+    import shutil
+
+    (tmp / _CACHE_STAMP).write_text("complete\n")
+    if target.exists():
+        shutil.rmtree(target)
     tmp.rename(target)
 
 
@@ -131,9 +146,14 @@ def resolve(name_or_path: str) -> str:
     if name_or_path not in builders:
         return name_or_path
     target = cache_dir() / name_or_path
-    if not (target / "config.json").exists():
+    if not (target / _CACHE_STAMP).exists():
+        from filelock import FileLock
+
         target.parent.mkdir(parents=True, exist_ok=True)
-        builders[name_or_path](target)
+        # Several processes (DDP ranks, parallel tests) may ask at once: one builds, the others wait and reuse it.
+        with FileLock(str(target) + ".lock"):
+            if not (target / _CACHE_STAMP).exists():
+                builders[name_or_path](target)
     return str(target)
 
 

@@ -8,7 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tiny-model steps are latency-bound, and extra threads only fight over the shared cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
