@@ -1,0 +1,64 @@
+"""Checkpoint and resume: a run resumed from a checkpoint continues exactly as the uninterrupted run."""
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_rl_support import (
+    Outputs,
+    prompt_loader,
+    tiny_module,
+    trainer,
+)
+
+from lit_rlhf.models import LoraOptions
+from lit_rlhf.rl import NLPO, PPO, AdaptiveKL, RLHFModule
+
+KEYS = ("objective/score", "objective/kl", "objective/kl_coef", "policy/loss", "value/loss", "policy/approx_kl")
+
+
+def build(case: str) -> RLHFModule:
+    # Each case exercises state beyond the weights: the adaptive KL coefficient, running reward moments, the
+    # optimizer, and NLPO's masked copy (synced at iteration 0 and 3, so at the resume point it is stale on purpose).
+    algorithm = PPO(epochs=2, num_minibatches=2) if case == "ppo" else NLPO(epochs=2, mask_update_interval=3)
+    lora = LoraOptions(r=4) if case == "nlpo-lora" else None
+    return tiny_module(algorithm=algorithm, lora=lora, kl=AdaptiveKL(0.1, 1.0, 100), normalize_reward=True)
+
+
+@pytest.mark.parametrize("case", ["ppo", "nlpo", "nlpo-lora"])
+def test_resumed_run_matches_uninterrupted_run(case, tmp_path):
+    # One batch per epoch, so the epoch-end checkpoints fall between iterations.
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    full = Outputs()
+    trainer(4, callbacks=[checkpoints, full], enable_checkpointing=True).fit(build(case), prompt_loader())
+
+    path = tmp_path / "epoch=1.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["rlhf"]["iteration"] == 2
+    with torch.serialization.safe_globals([]):  # the module's own state loads without pickled objects
+        torch.save(checkpoint["rlhf"], tmp_path / "rlhf.pt")
+        torch.load(tmp_path / "rlhf.pt", weights_only=True)
+    assert not any(key.startswith("reference.") for key in checkpoint["state_dict"])
+
+    resumed = Outputs()
+    # weights_only=False: modules built in Python pickle their reward / algorithm objects into the hyperparameters
+    # (the CLI stores their configuration instead).
+    trainer(4, callbacks=[resumed]).fit(build(case), prompt_loader(), ckpt_path=path, weights_only=False)
+    assert len(resumed.outputs) == 2
+    for expected, actual in zip(full.outputs[2:], resumed.outputs, strict=True):
+        assert actual["completions"] == expected["completions"]
+        for key in KEYS:
+            assert actual["metrics"][key] == pytest.approx(expected["metrics"][key], abs=1e-5), key
+
+
+def test_load_from_checkpoint_rebuilds_the_module(tmp_path):
+    module = tiny_module(algorithm=NLPO(), kl=AdaptiveKL(0.1, 1.0, 100))
+    run = trainer(1, enable_checkpointing=True, default_root_dir=tmp_path)
+    run.fit(module, prompt_loader())
+    path = tmp_path / "model.ckpt"
+    run.save_checkpoint(path)
+    loaded = RLHFModule.load_from_checkpoint(path, weights_only=False)
+    assert loaded.iteration == 1 and loaded.kl.coef == module.kl.coef
+    for (name, a), b in zip(module.policy.state_dict().items(), loaded.policy.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    masked = loaded.algorithm._masked.state_dict()
+    assert all(torch.equal(v, masked[k]) for k, v in module.algorithm._masked.state_dict().items())
