@@ -181,3 +181,16 @@ def test_sft_example_file_with_chat_template_and_val_fraction():
     assert batch["input_ids"].shape[1] <= 64
     trained = batch["labels"] != IGNORE_INDEX
     assert trained.any(dim=1).all() and (batch["attention_mask"].bool() | ~trained).all()
+
+
+def test_shuffle_order_is_a_function_of_seed_and_epoch():
+    from lit_rlhf.data.loading import EpochSeededSampler
+
+    data = list(range(10))
+    first, again = EpochSeededSampler(data, seed=3), EpochSeededSampler(data, seed=3)
+    epoch0 = list(first)
+    assert sorted(epoch0) == data and list(again) == epoch0  # a rebuilt loader (a resumed run) replays epoch 0
+    first.set_epoch(1)
+    again.set_epoch(1)
+    assert list(first) == list(again) != epoch0  # each epoch has its own order, also after a rebuild
+    assert list(EpochSeededSampler(data, seed=4)) != epoch0

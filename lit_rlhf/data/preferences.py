@@ -21,6 +21,7 @@ from lit_rlhf.data.formats import (
     parse_preference_row,
     split_off,
 )
+from lit_rlhf.data.loading import make_loader
 from lit_rlhf.models import load_tokenizer, resolve
 
 
@@ -237,14 +238,13 @@ class PreferenceDataModule(L.LightningDataModule):
         self._load(split)
         if split not in self.examples:
             return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        return make_loader(
             PreferenceDataset(self.examples[split], self.tokenizer, self.max_length),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
+            self.batch_size,
+            shuffle,
+            self.seed,
+            self.num_workers,
+            PreferenceCollator(self.tokenizer.pad_token_id),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -23,6 +23,7 @@ from lit_rlhf.data.formats import (
     special_token_template,
     tokenize,
 )
+from lit_rlhf.data.loading import make_loader
 from lit_rlhf.models import load_tokenizer, resolve
 
 PACKAGED_DIR = Path(__file__).with_name("prompts")
@@ -255,13 +256,8 @@ class PromptDataModule(L.LightningDataModule):
         dataset = self._load(which)
         if dataset is None:
             return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=PromptCollator(self.tokenizer.pad_token_id),
+        return make_loader(
+            dataset, self.batch_size, shuffle, self.seed, self.num_workers, PromptCollator(self.tokenizer.pad_token_id)
         )
 
     def train_dataloader(self) -> DataLoader:

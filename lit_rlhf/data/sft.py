@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.formats import IGNORE_INDEX, SFTExample, encode_sft, load_examples, parse_sft_row, split_off
+from lit_rlhf.data.loading import make_loader
 from lit_rlhf.models import load_tokenizer, resolve
 
 
@@ -200,13 +201,13 @@ class SFTDataModule(L.LightningDataModule):
         self._load(split)
         if split not in self.examples:
             return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
-        return DataLoader(
+        return make_loader(
             SFTDataset(self.examples[split], self.tokenizer, self.max_length),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+            self.batch_size,
+            shuffle,
+            self.seed,
+            self.num_workers,
+            SFTCollator(self.tokenizer.pad_token_id),
         )
 
     def train_dataloader(self) -> DataLoader:
