@@ -17,7 +17,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "reward": ("lit_rlhf.reward:RewardModelModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.backbone"),
     "rl": ("lit_rlhf.rl.module:RLHFModule", "lit_rlhf.data.prompts:PromptDataModule", "model.policy"),
 }
-OTHER_COMMANDS = {"pipeline": "lit_rlhf.pipeline:main"}
+OTHER_COMMANDS = {"pipeline": "lit_rlhf.pipeline:main", "export": "lit_rlhf.cli:export_main"}
 
 USAGE = """usage: lit-rlhf STAGE SUBCOMMAND [--config FILE] [options]
 
@@ -28,6 +28,8 @@ stages (LightningCLI; SUBCOMMAND is fit, validate, test or predict):
 other commands:
   pipeline   collect -> reward model -> RL -> evaluate -> report
              lit-rlhf pipeline --config recipes/pipeline/demo.yaml
+  export     a Lightning checkpoint of a stage -> plain transformers folder (LoRA merged)
+             lit-rlhf export rl outputs/rl/ppo_fsdp_8gpu/.../last.ckpt outputs/rl/ppo_fsdp_8gpu/hf
 
 `lit-rlhf STAGE --help` lists every option; `--print_config` prints the full configuration.
 """
@@ -63,6 +65,28 @@ def run_stage(stage: str, args: list[str] | None = None, run: bool = True) -> St
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": f"lit-rlhf {stage}"} if run else {"prog": f"lit-rlhf {stage}", "exit_on_error": False},
     )
+
+
+def export_main(argv: list[str]) -> None:
+    """``lit-rlhf export STAGE CKPT OUT``: rebuild the stage's module from a checkpoint on the CPU and save its model
+    with ``export`` (how an FSDP run, whose ranks each hold a shard, gets a plain transformers checkpoint)."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="lit-rlhf export", description=export_main.__doc__)
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("checkpoint", help="a .ckpt file (FSDP: state_dict_type full, or a consolidated one)")
+    parser.add_argument("output", help="folder to write the transformers checkpoint and tokenizer to")
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():
+        raise SystemExit(
+            f"lit-rlhf export: {checkpoint} is a sharded FSDP checkpoint folder. Consolidate it first with\n"
+            f"  python -m lightning.pytorch.utilities.consolidate_checkpoint {checkpoint}\n"
+            f"and export the file it writes ({checkpoint}.consolidated)."
+        )
+    module = _load(STAGES[args.stage][0]).load_from_checkpoint(checkpoint, map_location="cpu")
+    print(module.export(args.output))
 
 
 def main(argv: list[str] | None = None) -> None:

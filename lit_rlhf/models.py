@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import string
@@ -212,6 +213,66 @@ def apply_lora(model: PreTrainedModel, options: LoraOptions | None, task_type: s
     return get_peft_model(model, options.to_peft(task_type))
 
 
+def rank_device() -> torch.device:
+    """This process's accelerator: ``cuda:<local rank>`` under torchrun / SLURM / Lightning's launcher, else the CPU.
+
+    Quantised weights are placed when they are loaded (bitsandbytes layers are not meant to move), so they must go
+    straight to the GPU of the rank that owns them, before any Trainer exists.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
+    return torch.device("cuda", int(local_rank))
+
+
+def quantization_config(load_in_8bit: bool, load_in_4bit: bool, compute_dtype: DType | torch.dtype = "float32"):
+    """A transformers ``BitsAndBytesConfig``: LLM.int8 weights, or 4-bit NF4 with double quantisation as in QLoRA
+    (Dettmers et al. 2023); None when neither is asked for.
+
+    ``compute_dtype`` is the dtype 4-bit layers de-quantise to for their matmuls (bfloat16 on recent GPUs).
+    """
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("load_in_8bit and load_in_4bit are exclusive: set at most one of them.")
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError("load_in_8bit / load_in_4bit need bitsandbytes: `pip install bitsandbytes`.")
+    # bitsandbytes >= 0.47 ships CPU kernels for both formats; older releases quantise on CUDA only.
+    if not torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes.backends.cpu") is None:
+        raise RuntimeError(
+            "load_in_8bit / load_in_4bit need a CUDA device with this bitsandbytes (it has no CPU backend); "
+            "run on a GPU, upgrade bitsandbytes, or drop the option."
+        )
+    return BitsAndBytesConfig(
+        load_in_8bit=load_in_8bit,
+        load_in_4bit=load_in_4bit,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_dtype(compute_dtype),
+    )
+
+
+def _quantised_kwargs(dtype: DType | torch.dtype, load_in_8bit: bool, load_in_4bit: bool, device) -> dict:
+    kwargs = {"dtype": _dtype(dtype)}
+    config = quantization_config(load_in_8bit, load_in_4bit, dtype)
+    if config is not None:
+        kwargs["quantization_config"] = config
+        kwargs["device_map"] = {"": str(device if device is not None else rank_device())}
+    return kwargs
+
+
+def _finish_loading(model: PreTrainedModel, lora: LoraOptions | None, task_type: str, quantised: bool) -> nn.Module:
+    if quantised and lora is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's preparation: freeze the quantised base, keep norms in float32, let gradients reach the input
+        # embeddings' output. Gradient checkpointing stays the caller's choice.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return apply_lora(model, lora, task_type)
+
+
 def load_causal_lm(
     name_or_path: str,
     dtype: DType | torch.dtype = "float32",
@@ -220,32 +281,47 @@ def load_causal_lm(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
 ) -> nn.Module:
-    """Load a causal LM (bundled name, hub id or path), optionally quantised (CUDA) and wrapped with LoRA."""
-    kwargs = {"dtype": _dtype(dtype)}
-    if load_in_8bit or load_in_4bit:
-        from transformers import BitsAndBytesConfig
+    """Load a causal LM (bundled name, hub id or path), optionally quantised (bitsandbytes) and wrapped with LoRA.
 
-        if not torch.cuda.is_available():
-            raise RuntimeError("load_in_8bit / load_in_4bit need a CUDA device (bitsandbytes quantised weights).")
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    Quantised weights are frozen and placed at load time on ``device`` (default: ``rank_device()``); with ``lora``
+    this is QLoRA. Without quantisation the model loads on the CPU unless ``device`` is given.
+    """
+    kwargs = _quantised_kwargs(dtype, load_in_8bit, load_in_4bit, device)
     model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
-    if device is not None and not (load_in_8bit or load_in_4bit):
+    quantised = "quantization_config" in kwargs
+    if device is not None and not quantised:
         model.to(device)
-    return apply_lora(model, lora, "CAUSAL_LM")
+    return _finish_loading(model, lora, "CAUSAL_LM", quantised)
 
 
 def load_sequence_classifier(
     name_or_path: str,
     dtype: DType | torch.dtype = "float32",
     lora: LoraOptions | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
-    """Load a one-label sequence classifier (a reward model); a bare trunk gets a freshly initialised head."""
+    """Load a one-label sequence classifier (a reward model); a bare trunk gets a freshly initialised head.
+
+    Quantisation as in ``load_causal_lm``; the score head stays in full precision.
+    """
     path = resolve(name_or_path)
     config = AutoConfig.from_pretrained(path, num_labels=1)
     if config.pad_token_id is None:
         config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id or config.eos_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype))
-    return apply_lora(model, lora, "SEQ_CLS")
+    kwargs = _quantised_kwargs(dtype, load_in_8bit, load_in_4bit, device)
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+    quantised = "quantization_config" in kwargs
+    if device is not None and not quantised:
+        model.to(device)
+    return _finish_loading(model, lora, "SEQ_CLS", quantised)
+
+
+def is_quantised(model: nn.Module) -> bool:
+    """Whether ``model`` (or the base of a peft model) holds bitsandbytes-quantised weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_8bit", False) or getattr(base, "is_loaded_in_4bit", False))
 
 
 class ScalarHead(nn.Module):
@@ -264,15 +340,28 @@ class ScalarHead(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, dtype: DType | torch.dtype = "float32", lora: LoraOptions | None = None
+        cls,
+        name_or_path: str,
+        dtype: DType | torch.dtype = "float32",
+        lora: LoraOptions | None = None,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
     ) -> ScalarHead:
-        trunk = AutoModel.from_pretrained(resolve(name_or_path), dtype=_dtype(dtype))
+        """A trunk loaded like ``load_causal_lm`` (quantised and / or with LoRA) under a fresh full-precision head."""
+        kwargs = _quantised_kwargs(dtype, load_in_8bit, load_in_4bit, None)
+        trunk = AutoModel.from_pretrained(resolve(name_or_path), **kwargs)
         hidden = trunk.config.hidden_size
-        return cls(apply_lora(trunk, lora, "FEATURE_EXTRACTION"), hidden)
+        quantised = "quantization_config" in kwargs
+        head = cls(_finish_loading(trunk, lora, "FEATURE_EXTRACTION", quantised), hidden)
+        if quantised:
+            head.head.to(trunk.device)
+        return head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Shape: (B, T) ids -> (B, T) scalars."""
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # No KV cache: nothing reuses it, and activation checkpointing would append to it a second time on recompute.
+        extra = {"use_cache": False} if getattr(self.trunk.config, "use_cache", False) else {}
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
 
 
@@ -285,16 +374,41 @@ def merged(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, path: str | Path) -> Path:
-    """Save a checkpoint that loads with plain ``transformers`` ``from_pretrained`` (LoRA merged into a copy)."""
-    import copy
+def _full_precision_copy(model) -> nn.Module:
+    """A peft model like ``model`` whose base is re-read in full precision from the checkpoint it was loaded from.
 
+    Merging into a quantised base would round the update back onto the 4- / 8-bit grid; merging into the original
+    weights gives the model QLoRA actually trained (Dettmers et al. 2023, §3).
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    base = model.get_base_model()
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(base).from_pretrained(config._name_or_path, config=config, dtype="auto")
+    adapter = model.active_adapter
+    clone = get_peft_model(fresh, copy.deepcopy(model.peft_config[adapter]))
+    set_peft_model_state_dict(clone, get_peft_model_state_dict(model, adapter_name=adapter))
+    return clone
+
+
+def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, path: str | Path) -> Path:
+    """Save a checkpoint that loads with plain ``transformers`` ``from_pretrained`` (LoRA merged into a copy).
+
+    A LoRA model on a quantised base (QLoRA) is merged into its base re-read in full precision, so the export is a
+    plain float checkpoint. A quantised model without LoRA has nothing trained and cannot be exported.
+    """
     from peft import PeftModel
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, PeftModel):
+    if is_quantised(model):
+        if not isinstance(model, PeftModel):
+            raise ValueError("export_pretrained: a quantised model without LoRA is frozen; export its source instead.")
+        model = _full_precision_copy(model).merge_and_unload()
+    elif isinstance(model, PeftModel):
         model = copy.deepcopy(model).merge_and_unload()
+    path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

@@ -16,6 +16,17 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def require_trainable(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """``params``, or an error that says why there are none (the usual cause: Lightning's bitsandbytes plugin)."""
+    if not params:
+        raise ValueError(
+            f"{type(module).__name__} has no trainable parameters. Lightning's BitsandbytesPrecision plugin quantises "
+            "(and so freezes) every nn.Linear, LoRA adapters included: to train on quantised weights use the module's "
+            "load_in_4bit / load_in_8bit with lora instead (QLoRA)."
+        )
+    return params
+
+
 def build_optimizers(
     module: L.LightningModule,
     factory: OptimizerCallable | None,
@@ -27,7 +38,7 @@ def build_optimizers(
     """AdamW (or ``factory``) over the trainable parameters; linear warm-up, then ``scheduler``, stepped per step."""
     if not 0.0 <= warmup_ratio < 1.0:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
-    params = trainable_parameters(module)
+    params = require_trainable(module, trainable_parameters(module))
     if factory is None:
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     else:

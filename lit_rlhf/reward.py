@@ -10,10 +10,19 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
-from lit_rlhf.models import DType, LoraOptions, export_pretrained, load_sequence_classifier, load_tokenizer, resolve
+from lit_rlhf.models import (
+    DType,
+    LoraOptions,
+    export_pretrained,
+    is_quantised,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve,
+)
 from lit_rlhf.optim import SchedulerName, build_optimizers
+from lit_rlhf.scale import check_strategy, clip_grad_norm
 
 
 def bradley_terry_loss(
@@ -55,6 +64,10 @@ class RewardModelModule(L.LightningModule):
         center_rewards_coefficient: Weight of the reward-centering term ``mean((r_c + r_r)^2)``; 0 turns it off.
         dtype: Weight dtype of the backbone.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        load_in_8bit: Load the base weights in 8 bits (bitsandbytes LLM.int8) and train ``lora`` on top.
+        load_in_4bit: Load the base weights in 4-bit NF4 and train ``lora`` on top (QLoRA, Dettmers et al. 2023).
+            Either way the weights are placed on this process's device when loaded; the export merges the adapter
+            into the base re-read in full precision.
     """
 
     def __init__(
@@ -69,16 +82,23 @@ class RewardModelModule(L.LightningModule):
         center_rewards_coefficient: float = 0.0,
         dtype: DType = "float32",
         gradient_checkpointing: bool = False,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
+        if (load_in_8bit or load_in_4bit) and lora is None:
+            raise ValueError("load_in_8bit / load_in_4bit freeze the base weights: set model.lora to train adapters.")
         if lora is not None and not lora.modules_to_save:
             lora.modules_to_save = ["score", "classifier"]
-        self.model = load_sequence_classifier(backbone, dtype=dtype, lora=lora)
+        self.model = load_sequence_classifier(
+            backbone, dtype=dtype, lora=lora, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit
+        )
         self.model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant: gradients then reach LoRA weights even though the frozen inputs need none.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = load_tokenizer(backbone, padding_side="right")
         self.accuracy = torch.nn.ModuleDict({s: BinaryAccuracy() for s in ("val", "test")})
         self.mean_margin = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
@@ -129,6 +149,17 @@ class RewardModelModule(L.LightningModule):
         chosen, rejected = self._pair_rewards(batch)
         return {"chosen": chosen, "rejected": rejected}
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self, quantised=is_quantised(self.model))
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm(self, optimizer, gradient_clip_val)  # FSDP-aware
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         return build_optimizers(
             self,
@@ -160,7 +191,9 @@ class RewardModel:
         batch_size: Texts scored per forward pass.
         max_length: Token budget per (prompt, completion); the prompt is cut from the left.
         device: Where to run the model; defaults to CUDA when available.
-        dtype: Weight dtype for inference.
+        dtype: Weight dtype for inference (the compute dtype of quantised weights).
+        load_in_8bit: Load an exported (folder or hub) reward model in 8 bits (bitsandbytes LLM.int8).
+        load_in_4bit: Load it in 4-bit NF4.
     """
 
     def __init__(
@@ -170,11 +203,15 @@ class RewardModel:
         max_length: int = 512,
         device: str | None = None,
         dtype: DType = "float32",
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         self.max_length = max_length
         if str(path).endswith(".ckpt"):
+            if load_in_8bit or load_in_4bit:
+                raise ValueError("RewardModel: quantised loading needs an exported folder, not a Lightning .ckpt.")
             module = RewardModelModule.load_from_checkpoint(path, map_location="cpu")
             model, tokenizer = module.model, module.tokenizer
             from lit_rlhf.models import merged
@@ -182,12 +219,14 @@ class RewardModel:
             model = merged(model)
         else:
             local = resolve(path)
-            model = AutoModelForSequenceClassification.from_pretrained(local, dtype=getattr(torch, dtype))
+            model = load_sequence_classifier(
+                local, dtype=dtype, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, device=self.device
+            )
             tokenizer = AutoTokenizer.from_pretrained(local)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"  # as in training
-        self.model = model.to(self.device).eval()
+        self.model = (model if is_quantised(model) else model.to(self.device)).eval()
         self.tokenizer = tokenizer
 
     @torch.inference_mode()

@@ -9,8 +9,9 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text import Perplexity
 
-from lit_rlhf.models import DType, LoraOptions, export_pretrained, load_causal_lm, load_tokenizer
+from lit_rlhf.models import DType, LoraOptions, export_pretrained, is_quantised, load_causal_lm, load_tokenizer
 from lit_rlhf.optim import SchedulerName, build_optimizers
+from lit_rlhf.scale import check_strategy, clip_grad_norm
 
 
 def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +43,10 @@ class SFTModule(L.LightningModule):
         warmup_ratio: Share of all optimizer steps spent warming up linearly from zero.
         dtype: Weight dtype.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        load_in_8bit: Load the base weights in 8 bits (bitsandbytes LLM.int8) and train ``lora`` on top.
+        load_in_4bit: Load the base weights in 4-bit NF4 and train ``lora`` on top (QLoRA, Dettmers et al. 2023).
+            Either way the weights are placed on this process's device when loaded; the export merges the adapter
+            into the base re-read in full precision.
     """
 
     def __init__(
@@ -55,14 +60,19 @@ class SFTModule(L.LightningModule):
         warmup_ratio: float = 0.05,
         dtype: DType = "float32",
         gradient_checkpointing: bool = False,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        self.model = load_causal_lm(model, dtype=dtype, lora=lora)
+        if (load_in_8bit or load_in_4bit) and lora is None:
+            raise ValueError("load_in_8bit / load_in_4bit freeze the base weights: set model.lora to train adapters.")
+        self.model = load_causal_lm(model, dtype=dtype, lora=lora, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
         self.model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant: gradients then reach LoRA weights even though the frozen inputs need none.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = load_tokenizer(model, padding_side="right")
         self.perplexity = torch.nn.ModuleDict({s: Perplexity(ignore_index=-100) for s in ("val", "test")})
 
@@ -99,6 +109,17 @@ class SFTModule(L.LightningModule):
         """Per-example completion NLL and token count."""
         nll, tokens = completion_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         return {"nll": nll, "tokens": tokens}
+
+    def setup(self, stage: str) -> None:
+        check_strategy(self, quantised=is_quantised(self.model))
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm(self, optimizer, gradient_clip_val)  # FSDP-aware
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         return build_optimizers(

@@ -9,6 +9,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -21,7 +22,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import LogitsProcessorList
 
-from lit_rlhf.models import DType, LoraOptions, ScalarHead, export_pretrained, load_causal_lm, load_tokenizer
+from lit_rlhf.models import (
+    DType,
+    LoraOptions,
+    ScalarHead,
+    export_pretrained,
+    is_quantised,
+    load_causal_lm,
+    load_tokenizer,
+    resolve,
+)
+from lit_rlhf.optim import require_trainable
 from lit_rlhf.rl.advantages import explained_variance, masked_mean
 from lit_rlhf.rl.kl import FixedKL, KLController, KLEstimator, kl_estimate
 from lit_rlhf.rl.losses import approx_kl
@@ -31,6 +42,7 @@ from lit_rlhf.rl.rollout import (
     GenerationOptions,
     RunningMoments,
     causal_lm_forward,
+    checkpoint_decoder_layers,
     cut_at_stop_strings,
     entropy_from_logits,
     kl_penalized_rewards,
@@ -38,6 +50,8 @@ from lit_rlhf.rl.rollout import (
     stop_mask,
     stop_string_positions,
 )
+from lit_rlhf.rl.vllm import VLLMOptions, VLLMRollout, require_vllm
+from lit_rlhf.scale import check_strategy, clip_grad_norm, is_sharded, skip_gradient_sync
 
 RewardFn = Callable[[list[str], list[str]], Any]
 """A reward: ``(prompts, completions) -> Tensor | list[float]`` of shape (N,), one score per completion."""
@@ -107,7 +121,20 @@ class RLHFModule(L.LightningModule):
         missing_eos_penalty: Subtract this from the score of responses that hit ``max_new_tokens`` without a stop.
         reward_clip: Clip scores to [-reward_clip, reward_clip] (after normalisation); None disables.
         normalize_reward: Standardise scores with the running mean and std of all scores seen so far.
-        dtype: Weight dtype of the policy, reference and value models.
+        dtype: Weight dtype of the policy, reference and value models (the compute dtype of quantised ones).
+        load_in_8bit: Load the policy's (and separate value trunk's) base weights in 8 bits (bitsandbytes LLM.int8)
+            and train LoRA on top; needs ``lora``. The reference is then the same 8-bit base with the adapter off.
+        load_in_4bit: As ``load_in_8bit`` with 4-bit NF4 weights (QLoRA, Dettmers et al. 2023).
+        reference_load_in_8bit: Without LoRA, load the frozen reference separately in 8 bits instead of copying
+            the policy (its log-probs then carry the quantisation error, so the KL starts slightly above 0).
+        reference_load_in_4bit: As ``reference_load_in_8bit`` in 4-bit NF4.
+        gradient_checkpointing: Recompute each decoder layer's activations in the backward pass of the update
+            (policy and separate value trunk): less memory, about a third more compute. Under FSDP prefer the
+            strategy's ``activation_checkpointing_policy``.
+        rollout_backend: ``hf`` samples with HF ``generate``; ``vllm`` with a colocated vLLM engine (CUDA,
+            ``pip install lit-rlhf[vllm]``) whose weights are refreshed after every update. Algorithms with a
+            sampling logits processor (NLPO) need ``hf``.
+        vllm: vLLM engine settings when ``rollout_backend`` is ``vllm``; None uses ``VLLMOptions()``.
         rollout_seed: Reseed torch from (rollout_seed, iteration, rank) at the start of every iteration, so that a
             resumed run repeats the uninterrupted one exactly whatever happened in between; None keeps the global
             RNG stream (whose state is still checkpointed). Named apart from the data module's shuffle ``seed``.
@@ -134,6 +161,13 @@ class RLHFModule(L.LightningModule):
         normalize_reward: bool = False,
         dtype: DType = "float32",
         rollout_seed: int | None = None,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
+        reference_load_in_8bit: bool = False,
+        reference_load_in_4bit: bool = False,
+        gradient_checkpointing: bool = False,
+        rollout_backend: Literal["hf", "vllm"] = "hf",
+        vllm: VLLMOptions | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,9 +197,34 @@ class RLHFModule(L.LightningModule):
         self.iteration = 0
         self.reward_moments = RunningMoments()
 
+        quantised = {"load_in_8bit": load_in_8bit, "load_in_4bit": load_in_4bit}
+        if any(quantised.values()) and lora is None:
+            raise ValueError("load_in_8bit / load_in_4bit freeze the base weights: set model.lora to train adapters.")
+        if (reference_load_in_8bit or reference_load_in_4bit) and lora is not None:
+            raise ValueError(
+                "With LoRA the reference is the policy with its adapter off (no second model): quantise the base "
+                "with load_in_8bit / load_in_4bit instead of reference_load_in_*."
+            )
+        if rollout_backend == "vllm":
+            require_vllm()
+        elif vllm is not None:
+            raise ValueError("model.vllm is only used with rollout_backend: vllm.")
+        self.rollout_backend = rollout_backend
+        self.vllm_options = vllm or VLLMOptions()
+        self._vllm: VLLMRollout | None = None
+        self.lora = lora
+
         self.tokenizer = load_tokenizer(policy, padding_side="left")
-        self.policy = load_causal_lm(policy, dtype=dtype, lora=lora)
-        self.reference = None if lora is not None else copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.policy = load_causal_lm(policy, dtype=dtype, lora=lora, **quantised)
+        if lora is not None:
+            self.reference = None
+        elif reference_load_in_8bit or reference_load_in_4bit:
+            self.reference = load_causal_lm(
+                policy, dtype=dtype, load_in_8bit=reference_load_in_8bit, load_in_4bit=reference_load_in_4bit
+            ).eval()
+            self.reference.requires_grad_(False)
+        else:
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
         config_eos = self.policy.generation_config.eos_token_id
         config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
         self.stop_token_ids = sorted({self.tokenizer.eos_token_id, *config_eos} - {None})
@@ -179,10 +238,14 @@ class RLHFModule(L.LightningModule):
         if value_model_path is not None and self.value_mode != "separate":
             raise ValueError("model.value_model_path is only used with value_model: separate.")
         self.value_model = (
-            ScalarHead.from_pretrained(value_model_path or policy, dtype=dtype, lora=lora)
+            ScalarHead.from_pretrained(value_model_path or policy, dtype=dtype, lora=lora, **quantised)
             if self.value_mode == "separate"
             else None
         )
+        if gradient_checkpointing:
+            checkpoint_decoder_layers(self.policy)
+            if self.value_model is not None:
+                checkpoint_decoder_layers(self.value_model)
         self.value_head = None
         if self.value_mode == "shared":
             hidden = self.policy.config.hidden_size
@@ -191,12 +254,26 @@ class RLHFModule(L.LightningModule):
             nn.init.zeros_(self.value_head.bias)
         self.algorithm.bind(self)
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self, quantised=is_quantised(self.policy))
+        if self.rollout_backend == "vllm" and is_sharded(self):
+            raise ValueError("rollout_backend: vllm needs whole weights on every rank: use strategy: ddp, not FSDP.")
+
     # --- sampling and scoring --------------------------------------------------------------------------------------
 
     def _sample(
         self, prompt_ids: Tensor, prompt_mask: Tensor, options: GenerationOptions, processor: Any | None = None
     ) -> Tensor:
         """Shape: (B, P), (B, P) -> (B, P+T) sequences, T <= max_new_tokens."""
+        if self.rollout_backend == "vllm":
+            if processor is not None:
+                raise ValueError(
+                    f"{type(self.algorithm).__name__} samples through a logits processor, which vLLM cannot run: "
+                    "use rollout_backend: hf."
+                )
+            return self._vllm_engine().sample(
+                prompt_ids, prompt_mask, options, self.stop_token_ids, self.tokenizer.pad_token_id
+            )
         config = options.to_hf(self.stop_token_ids, self.tokenizer.pad_token_id)
         return self.policy.generate(
             input_ids=prompt_ids,
@@ -204,7 +281,18 @@ class RLHFModule(L.LightningModule):
             generation_config=config,
             logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
             tokenizer=self.tokenizer if options.stop_strings else None,
+            # Under FSDP every decoding step all-gathers each layer's shards: all ranks must run the same number of
+            # steps, so those that finish early keep stepping until the last one is done.
+            synced_gpus=is_sharded(self),
         )
+
+    def _vllm_engine(self) -> VLLMRollout:
+        if self._vllm is None:
+            world_size = self.trainer.world_size if self._trainer is not None else 1
+            self._vllm = VLLMRollout(resolve(self.hparams.policy), self.vllm_options, self.lora, world_size)
+            if self.iteration > 0 or self.lora is not None:  # resumed, or LoRA: vLLM must see the current adapter
+                self._vllm.push(self.policy)
+        return self._vllm
 
     def _finish(self, response_ids: Tensor, options: GenerationOptions) -> tuple[Tensor, Tensor, list[str]]:
         """Stop mask, stopped flags and completion texts. Shape: (B, T) -> (B, T) float, (B,) bool, B strings."""
@@ -343,7 +431,12 @@ class RLHFModule(L.LightningModule):
             advantages, returns = self.algorithm.advantages(rollout.experience)
         experience = dataclasses.replace(rollout.experience, advantages=advantages, returns=returns)
         start = time.perf_counter()
+        if self._vllm is not None:
+            self._vllm.sleep()
         update_metrics = self._update(experience)
+        if self._vllm is not None:
+            self._vllm.wake_up()
+            self._vllm.push(self.policy)
         update_time = time.perf_counter() - start
 
         mask = experience.response_mask
@@ -368,7 +461,10 @@ class RLHFModule(L.LightningModule):
         if experience.values is not None and experience.returns is not None:
             metrics["value/explained_variance"] = explained_variance(experience.values, experience.returns, mask)
             metrics["value/mean"] = masked_mean(experience.values, mask)
-        metrics = {key: torch.as_tensor(value).detach().float().cpu() for key, value in metrics.items()}
+        metrics = self._reduce_metrics(metrics)
+        all_scores = self._gather(rollout.raw_scores)
+        metrics["objective/score"] = all_scores.mean().cpu()
+        metrics["objective/score_std"] = all_scores.std(unbiased=False).cpu()
         shown = ("objective/score", "objective/kl")
         for prog_bar, group in ((True, shown), (False, [k for k in metrics if k not in shown])):
             self.log_dict(
@@ -385,6 +481,22 @@ class RLHFModule(L.LightningModule):
             "scores": rollout.raw_scores.cpu(),
             "metrics": {key: value.item() for key, value in metrics.items()},
         }
+
+    def _reduce_metrics(self, metrics: dict[str, Any]) -> dict[str, Tensor]:
+        """Each metric's mean over all processes (one all-reduce for all of them), as CPU float tensors.
+
+        Equivalent to ``self.log(..., sync_dist=True)`` per key, which would cost one collective per metric.
+        """
+        keys = sorted(metrics)
+        values = torch.stack([torch.as_tensor(metrics[k]).detach().float().to(self.device).reshape(()) for k in keys])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        return dict(zip(keys, values.cpu(), strict=True))
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return float(self.trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="mean"))
 
     def _update(self, experience: Experience) -> dict[str, Tensor]:
         """``epochs`` × ``num_minibatches`` optimizer steps on ``algorithm.loss``; returns the mean metrics."""
@@ -403,30 +515,37 @@ class RLHFModule(L.LightningModule):
             order = torch.randperm(rows, device=self.device)
             for minibatch in order.chunk(algorithm.num_minibatches):
                 step_metrics: dict[str, float] = defaultdict(float)
-                for micro in minibatch.chunk(self.gradient_accumulation_steps):
+                micros = minibatch.chunk(self.gradient_accumulation_steps)
+                for i, micro in enumerate(micros):
                     part = experience.select(micro)
-                    outputs = self.policy_outputs(part.sequences, part.attention_mask, part.prompt_ids.shape[1])
-                    loss, metrics = algorithm.loss(part, outputs)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"{type(algorithm).__name__}.loss is {loss.item()} at iteration {self.iteration}; "
-                            "lower the learning rate, clip rewards (reward_clip) or check the reward's scale."
-                        )
-                    weight = len(micro) / len(minibatch)
-                    self.manual_backward(loss * weight)
+                    # Under DDP every manual_backward all-reduces: accumulate locally until the last micro-batch.
+                    last = i == len(micros) - 1
+                    with nullcontext() if last or self._trainer is None else skip_gradient_sync(self):
+                        outputs = self.policy_outputs(part.sequences, part.attention_mask, part.prompt_ids.shape[1])
+                        loss, metrics = algorithm.loss(part, outputs)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"{type(algorithm).__name__}.loss is {loss.item()} at iteration {self.iteration}; "
+                                "lower the learning rate, clip rewards (reward_clip) or check the reward's scale."
+                            )
+                        weight = len(micro) / len(minibatch)
+                        self.manual_backward(loss * weight)
                     metrics["policy/approx_kl"] = approx_kl(
                         outputs.logprobs.detach(), part.logprobs, part.response_mask
                     )
                     for key, value in metrics.items():
                         step_metrics[key] += weight * float(value)
                 if self.max_grad_norm is not None:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    clip_grad_norm(self, opt, self.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 steps += 1
                 for key, value in step_metrics.items():
                     totals[key] += value
-                if algorithm.target_kl is not None and step_metrics["policy/approx_kl"] > algorithm.target_kl:
+                # Every rank must take the same number of steps (each backward is a collective): decide on the mean.
+                if algorithm.target_kl is not None and self._mean_over_ranks(step_metrics["policy/approx_kl"]) > (
+                    algorithm.target_kl
+                ):
                     early_stop = True
                     break
             if early_stop:
@@ -449,7 +568,8 @@ class RLHFModule(L.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=mask.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.learning_rate}]
+        policy_params = require_trainable(self, [p for p in self.policy.parameters() if p.requires_grad])
+        groups = [{"params": policy_params, "lr": self.learning_rate}]
         critic = self.value_head if self.value_head is not None else self.value_model
         if critic is not None:
             lr = self.value_learning_rate if self.value_learning_rate is not None else self.learning_rate

@@ -95,6 +95,20 @@ def causal_lm_forward(
     return logits, hidden
 
 
+def checkpoint_decoder_layers(model: nn.Module) -> int:
+    """Wrap every transformer decoder layer of ``model`` in activation checkpointing; returns how many were wrapped.
+
+    HF's own ``gradient_checkpointing_enable`` only acts in train mode, but the RL update runs in eval mode (dropout
+    off, so the update's log-probs match the rollout's); torch's checkpoint wrapper works in either mode.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, GradientCheckpointingLayer))
+    return len(layers)
+
+
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     """Log-probability of each chosen token.
 

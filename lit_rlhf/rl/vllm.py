@@ -1,0 +1,146 @@
+"""Optional vLLM rollout backend: sampling by a colocated vLLM engine whose weights follow the policy after each
+update (``pip install lit-rlhf[vllm]``, CUDA only). Written against vLLM's documented ``LLM`` API; not run in CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_rlhf.models import LoraOptions
+from lit_rlhf.rl.rollout import GenerationOptions
+
+INSTALL_HINT = "rollout_backend: vllm needs vLLM on a CUDA machine: `pip install lit-rlhf[vllm]`."
+
+
+def require_vllm() -> None:
+    """Raise a ``ModuleNotFoundError`` that says how to install vLLM when it is missing."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ModuleNotFoundError(INSTALL_HINT)
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """Settings of the colocated vLLM engine (one per training process, on that process's GPU)."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory vLLM may take for weights and KV cache; the rest is left to training."""
+    max_model_len: int | None = None
+    """Longest prompt + response vLLM plans its KV cache for; None uses the model's maximum."""
+    dtype: str = "auto"
+    """Weight dtype inside vLLM (``auto``, ``bfloat16``, ``float16``)."""
+    enforce_eager: bool = False
+    """Skip CUDA graph capture: slower decoding, faster start and less memory."""
+    sleep_during_update: bool = False
+    """Free vLLM's weights and KV cache while the policy trains (``LLM.sleep`` / ``wake_up``, vLLM's sleep mode)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gpu_memory_utilization < 1.0:
+            raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1), got {self.gpu_memory_utilization}.")
+
+
+class VLLMRollout:
+    """Samples rollouts with vLLM and keeps its weights equal to the policy's.
+
+    Without LoRA the policy's weights are loaded into vLLM's model in place (``LLM.apply_model`` →
+    ``model.load_weights``) after every update. With LoRA, vLLM serves the frozen base and each update's adapter is
+    saved to a temporary folder and sent as a new ``LoRARequest`` (vLLM caches adapters by id, so each push gets a new
+    one). Only token ids come back: log-probs are recomputed by the policy's own forward, as with HF sampling.
+
+    Args:
+        model_path: Local folder or hub id of the policy's initial weights (what vLLM loads).
+        options: Engine settings.
+        lora: The policy's LoRA settings, or None.
+        world_size: Training processes; above 1 each one drives its own engine (vLLM's ``external_launcher``).
+    """
+
+    def __init__(self, model_path: str, options: VLLMOptions, lora: LoraOptions | None, world_size: int = 1) -> None:
+        require_vllm()
+        # In-process engine: `apply_model` then touches the same CUDA tensors instead of pickling them to a worker.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            max_model_len=options.max_model_len,
+            dtype=options.dtype,
+            enforce_eager=options.enforce_eager,
+            enable_sleep_mode=options.sleep_during_update,
+        )
+        if lora is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=lora.r, max_loras=1)
+        if world_size > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(**kwargs)
+        self.options = options
+        self.lora = lora
+        self._lora_request = None
+        self._pushes = 0
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="lit-rlhf-vllm-"))
+
+    def sample(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, options: GenerationOptions, stop_token_ids: list[int], pad: int
+    ) -> Tensor:
+        """Sample one response per row. Shape: (B, P), (B, P) left-padded -> (B, P+T) sequences, T <= max_new_tokens,
+        responses right-padded with ``pad`` (the same layout as HF ``generate``)."""
+        from vllm import SamplingParams
+
+        # Seeds drawn from torch's generator keep the rollout_seed / per-rank reseeding meaningful for vLLM too.
+        seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],)).tolist()
+        params = [
+            SamplingParams(
+                n=1,
+                max_tokens=options.max_new_tokens,
+                temperature=options.temperature if options.do_sample else 0.0,
+                top_k=options.top_k if options.do_sample and options.top_k > 0 else -1,
+                top_p=options.top_p if options.do_sample else 1.0,
+                stop_token_ids=list(stop_token_ids),
+                stop=list(options.stop_strings) or None,
+                include_stop_str_in_output=True,
+                skip_special_tokens=False,
+                seed=seed,
+            )
+            for seed in seeds
+        ]
+        requests = [
+            {"prompt_token_ids": ids[mask.bool()].tolist()}
+            for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
+        ]
+        outputs = self.llm.generate(requests, params, lora_request=self._lora_request, use_tqdm=False)
+        responses = [list(out.outputs[0].token_ids) for out in outputs]
+        length = max(1, max(len(r) for r in responses))
+        padded = torch.full((len(responses), length), pad, dtype=prompt_ids.dtype)
+        for row, tokens in enumerate(responses):
+            padded[row, : len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
+        return torch.cat([prompt_ids, padded.to(prompt_ids.device)], dim=1)
+
+    def sleep(self) -> None:
+        """Release vLLM's GPU memory while the policy trains (only with ``sleep_during_update``)."""
+        if self.options.sleep_during_update:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.options.sleep_during_update:
+            self.llm.wake_up()
+
+    @torch.no_grad()
+    def push(self, policy: nn.Module) -> None:
+        """Make vLLM sample from ``policy``'s current weights (call after every update)."""
+        self._pushes += 1
+        if self.lora is not None:
+            from vllm.lora.request import LoRARequest
+
+            folder = self._adapter_dir / f"update-{self._pushes}"
+            policy.save_pretrained(folder, selected_adapters=["default"])
+            # peft saves a non-default selection under its name; "default" lands in the folder itself.
+            self._lora_request = LoRARequest(f"policy-{self._pushes}", self._pushes, str(folder))
+            return
+        weights = [(name, tensor.detach()) for name, tensor in policy.state_dict().items()]
+        self.llm.apply_model(lambda model: model.load_weights(weights))
