@@ -9,9 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.formats import (
@@ -19,10 +18,9 @@ from lit_rlhf.data.formats import (
     encode_prompt_response,
     load_examples,
     parse_preference_row,
-    split_off,
 )
-from lit_rlhf.data.loading import make_loader
-from lit_rlhf.models import load_tokenizer, resolve
+from lit_rlhf.data.loading import SplitDataModule
+from lit_rlhf.models import load_tokenizer
 
 
 def read_preferences(
@@ -128,7 +126,7 @@ class PreferenceCollator:
         }
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(SplitDataModule):
     """Preference pairs (chosen / rejected responses to one prompt) for Bradley–Terry reward-model training.
 
     Reads hh-rlhf transcripts, ``prompt``/``chosen``/``rejected`` plain text or conversational message lists, with an
@@ -176,82 +174,25 @@ class PreferenceDataModule(L.LightningDataModule):
                 ``{"data_dir": "harmless-base"}``.
         """
         super().__init__()
-        if val_path is not None and val_fraction:
-            raise ValueError("Give either val_path or val_fraction, not both.")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}.")
         self.save_hyperparameters()
-        self.tokenizer_name = tokenizer
-        self.paths = {"train": train_path, "val": val_path, "test": test_path}
-        self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.val_fraction, self.seed = val_fraction, seed
-        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
-        self.skip_invalid, self.hub_kwargs = skip_invalid, hub_kwargs
-        self.stats: dict[str, dict[str, int]] = {}
-        """Counts per split (``rows``, ``kept``, ``invalid``, ``identical``, ``realigned``; ``held_out`` on train
-        when ``val_fraction`` carves a validation set)."""
-        self.examples: dict[str, list[PreferenceExample]] = {}
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer (right padding), loaded on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name, padding_side="right")
-        return self._tokenizer
-
-    def prepare_data(self) -> None:
-        resolve(self.tokenizer_name)  # builds a bundled checkpoint once, on one process
-
-    def setup(self, stage: str | None = None) -> None:
-        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
-        for split in needed.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
-            self._load(split)
-
-    def _load(self, split: str) -> None:
-        if split in self.examples:
-            return
-        if split == "val" and self.val_fraction:
-            self._load("train")
-            return
-        path = self.paths[split]
-        if path is None:
-            if split == "train":
-                raise ValueError("PreferenceDataModule needs train_path to fit (data.train_path in the config).")
-            return
-        stats: dict[str, int] = {}
-        examples = read_preferences(
-            path, self.tokenizer, self.splits[split], self.skip_invalid, self.hub_kwargs, stats=stats
+        self.configure_splits(
+            tokenizer,
+            {"train": train_path, "val": val_path, "test": test_path},
+            {"train": train_split, "val": val_split, "test": test_split},
+            val_fraction,
+            seed,
+            batch_size,
+            num_workers,
         )
-        if split == "train" and self.val_fraction:
-            examples, val = split_off(examples, self.val_fraction, self.seed)
-            stats["held_out"] = len(val)
-            stats["kept"] = len(examples)
-            self.examples["val"] = val
-            self.stats["val"] = {"rows": len(val), "kept": len(val), "invalid": 0, "identical": 0, "realigned": 0}
-        self.examples[split] = examples
-        self.stats[split] = stats
+        self.max_length, self.skip_invalid, self.hub_kwargs = max_length, skip_invalid, hub_kwargs
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self._load(split)
-        if split not in self.examples:
-            return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
-        return make_loader(
-            PreferenceDataset(self.examples[split], self.tokenizer, self.max_length),
-            self.batch_size,
-            shuffle,
-            self.seed,
-            self.num_workers,
-            PreferenceCollator(self.tokenizer.pad_token_id),
-        )
+    def read_split(self, path: str, split_name: str, stats: dict[str, int]) -> list[PreferenceExample]:
+        return read_preferences(path, self.tokenizer, split_name, self.skip_invalid, self.hub_kwargs, stats=stats)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def make_dataset(self, examples: list[PreferenceExample]) -> Dataset:
+        return PreferenceDataset(examples, self.tokenizer, self.max_length)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def make_collator(self) -> PreferenceCollator:
+        return PreferenceCollator(self.tokenizer.pad_token_id)

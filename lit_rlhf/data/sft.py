@@ -7,14 +7,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.formats import IGNORE_INDEX, SFTExample, encode_sft, load_examples, parse_sft_row, split_off
-from lit_rlhf.data.loading import make_loader
-from lit_rlhf.models import load_tokenizer, resolve
+from lit_rlhf.data.formats import IGNORE_INDEX, SFTExample, encode_sft, load_examples, parse_sft_row
+from lit_rlhf.data.loading import SplitDataModule
+from lit_rlhf.models import load_tokenizer
 
 
 def read_sft(
@@ -82,7 +81,7 @@ class SFTCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(SplitDataModule):
     """Prompt → completion pairs for supervised fine-tuning; the loss covers completion tokens only.
 
     Row formats (detected per row): ``prompt``/``completion`` (or ``prompt``/``chosen``) text, rendered as a user and
@@ -135,86 +134,33 @@ class SFTDataModule(L.LightningDataModule):
             hub_kwargs: Extra ``datasets.load_dataset`` arguments for folder / hub sources.
         """
         super().__init__()
-        if val_path is not None and val_fraction:
-            raise ValueError("Give either val_path or val_fraction, not both.")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         self.save_hyperparameters()
-        self.tokenizer_name = tokenizer
-        self.paths = {"train": train_path, "val": val_path, "test": test_path}
-        self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.val_fraction, self.seed = val_fraction, seed
-        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
-        self.skip_invalid, self.chat_template, self.system_prompt = skip_invalid, chat_template, system_prompt
-        self.hub_kwargs = hub_kwargs
-        self.stats: dict[str, dict[str, int]] = {}
-        """Counts per split (``rows``, ``kept``, ``invalid``; ``held_out`` on train with ``val_fraction``)."""
-        self.examples: dict[str, list[SFTExample]] = {}
-        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.configure_splits(
+            tokenizer,
+            {"train": train_path, "val": val_path, "test": test_path},
+            {"train": train_split, "val": val_split, "test": test_split},
+            val_fraction,
+            seed,
+            batch_size,
+            num_workers,
+        )
+        self.max_length, self.skip_invalid, self.hub_kwargs = max_length, skip_invalid, hub_kwargs
+        self.chat_template, self.system_prompt = chat_template, system_prompt
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer (right padding), loaded on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name, padding_side="right")
-        return self._tokenizer
-
-    def prepare_data(self) -> None:
-        resolve(self.tokenizer_name)
-
-    def setup(self, stage: str | None = None) -> None:
-        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
-        for split in needed.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
-            self._load(split)
-
-    def _load(self, split: str) -> None:
-        if split in self.examples:
-            return
-        if split == "val" and self.val_fraction:
-            self._load("train")
-            return
-        path = self.paths[split]
-        if path is None:
-            if split == "train":
-                raise ValueError("SFTDataModule needs train_path to fit (data.train_path in the config).")
-            return
-        stats: dict[str, int] = {}
-        examples = read_sft(
+    def read_split(self, path: str, split_name: str, stats: dict[str, int]) -> list[SFTExample]:
+        return read_sft(
             path,
             self.tokenizer,
-            self.splits[split],
+            split_name,
             self.skip_invalid,
             self.chat_template,
             self.system_prompt,
             self.hub_kwargs,
             stats,
         )
-        if split == "train" and self.val_fraction:
-            examples, val = split_off(examples, self.val_fraction, self.seed)
-            stats["held_out"], stats["kept"] = len(val), len(examples)
-            self.examples["val"] = val
-            self.stats["val"] = {"rows": len(val), "kept": len(val), "invalid": 0}
-        self.examples[split] = examples
-        self.stats[split] = stats
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self._load(split)
-        if split not in self.examples:
-            return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
-        return make_loader(
-            SFTDataset(self.examples[split], self.tokenizer, self.max_length),
-            self.batch_size,
-            shuffle,
-            self.seed,
-            self.num_workers,
-            SFTCollator(self.tokenizer.pad_token_id),
-        )
+    def make_dataset(self, examples: list[SFTExample]) -> Dataset:
+        return SFTDataset(examples, self.tokenizer, self.max_length)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def make_collator(self) -> SFTCollator:
+        return SFTCollator(self.tokenizer.pad_token_id)
