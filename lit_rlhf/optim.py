@@ -1,12 +1,16 @@
-"""Optimizer and learning-rate schedule construction shared by the supervised stages."""
+"""What the supervised stages share: optimizer and schedule construction, and their common Lightning hooks."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+
+from lit_rlhf.models import export_pretrained, is_quantised
+from lit_rlhf.scale import check_strategy, clip_grad_norm
 
 SchedulerName = Literal["constant", "linear", "cosine"]
 
@@ -51,3 +55,41 @@ def build_optimizers(
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[scheduler]
     schedule = get_scheduler(name, optimizer, num_warmup_steps=int(warmup_ratio * total), num_training_steps=total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class FineTuningModule(L.LightningModule):
+    """The hooks the supervised stages (SFT, reward model) share: optimizer and schedule from their hyperparameters,
+    FSDP-aware gradient clipping, the strategy check, and the export to a plain transformers folder.
+
+    Subclasses set ``self.model``, ``self.tokenizer`` and ``self.optimizer_factory`` and save the hyperparameters
+    ``learning_rate``, ``weight_decay``, ``scheduler`` and ``warmup_ratio``.
+    """
+
+    def setup(self, stage: str) -> None:
+        check_strategy(self, quantised=is_quantised(self.model))
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm(self, optimizer, gradient_clip_val)  # FSDP-aware
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self):
+        return build_optimizers(
+            self,
+            self.optimizer_factory,
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            self.hparams.scheduler,
+            self.hparams.warmup_ratio,
+        )
+
+    def export_model(self):
+        """The model and tokenizer to save in plain transformers format (see ``HFExportCallback``)."""
+        return self.model, self.tokenizer
+
+    def export(self, path: str | Path) -> Path:
+        """Save a folder that the matching transformers Auto class loads with ``from_pretrained`` (LoRA merged)."""
+        return export_pretrained(self.model, self.tokenizer, path)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
@@ -15,14 +12,12 @@ from transformers import AutoTokenizer
 from lit_rlhf.models import (
     DType,
     LoraOptions,
-    export_pretrained,
     is_quantised,
     load_sequence_classifier,
     load_tokenizer,
     resolve,
 )
-from lit_rlhf.optim import SchedulerName, build_optimizers
-from lit_rlhf.scale import check_strategy, clip_grad_norm
+from lit_rlhf.optim import FineTuningModule, SchedulerName
 
 
 def bradley_terry_loss(
@@ -48,7 +43,7 @@ def bradley_terry_loss(
     return loss
 
 
-class RewardModelModule(L.LightningModule):
+class RewardModelModule(FineTuningModule):
     """Train a scalar reward model on preference pairs (chosen vs rejected) with the Bradley–Terry loss.
 
     Args:
@@ -148,35 +143,6 @@ class RewardModelModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         chosen, rejected = self._pair_rewards(batch)
         return {"chosen": chosen, "rejected": rejected}
-
-    def setup(self, stage: str) -> None:
-        check_strategy(self, quantised=is_quantised(self.model))
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
-    ) -> None:
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            clip_grad_norm(self, optimizer, gradient_clip_val)  # FSDP-aware
-        else:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def configure_optimizers(self):
-        return build_optimizers(
-            self,
-            self.optimizer_factory,
-            self.hparams.learning_rate,
-            self.hparams.weight_decay,
-            self.hparams.scheduler,
-            self.hparams.warmup_ratio,
-        )
-
-    def export_model(self):
-        """The model and tokenizer to save in plain transformers format (see ``HFExportCallback``)."""
-        return self.model, self.tokenizer
-
-    def export(self, path: str | Path) -> Path:
-        """Save a checkpoint that ``AutoModelForSequenceClassification.from_pretrained`` loads (LoRA merged)."""
-        return export_pretrained(self.model, self.tokenizer, path)
 
 
 class RewardModel:

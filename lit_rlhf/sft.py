@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text import Perplexity
 
-from lit_rlhf.models import DType, LoraOptions, export_pretrained, is_quantised, load_causal_lm, load_tokenizer
-from lit_rlhf.optim import SchedulerName, build_optimizers
-from lit_rlhf.scale import check_strategy, clip_grad_norm
+from lit_rlhf.models import DType, LoraOptions, load_causal_lm, load_tokenizer
+from lit_rlhf.optim import FineTuningModule, SchedulerName
 
 
 def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +25,7 @@ def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return -(token_lp * mask).sum(-1), mask.sum(-1)
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(FineTuningModule):
     """Supervised fine-tuning: causal-LM cross-entropy on the completion tokens, perplexity on val/test.
 
     Args:
@@ -109,32 +105,3 @@ class SFTModule(L.LightningModule):
         """Per-example completion NLL and token count."""
         nll, tokens = completion_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         return {"nll": nll, "tokens": tokens}
-
-    def setup(self, stage: str) -> None:
-        check_strategy(self, quantised=is_quantised(self.model))
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
-    ) -> None:
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            clip_grad_norm(self, optimizer, gradient_clip_val)  # FSDP-aware
-        else:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def configure_optimizers(self):
-        return build_optimizers(
-            self,
-            self.optimizer_factory,
-            self.hparams.learning_rate,
-            self.hparams.weight_decay,
-            self.hparams.scheduler,
-            self.hparams.warmup_ratio,
-        )
-
-    def export_model(self):
-        """The model and tokenizer to save in plain transformers format (see ``HFExportCallback``)."""
-        return self.model, self.tokenizer
-
-    def export(self, path: str | Path) -> Path:
-        """Save a checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads (LoRA merged)."""
-        return export_pretrained(self.model, self.tokenizer, path)
