@@ -1,0 +1,125 @@
+"""Stage 1: sample K completions per training prompt from the policy and have the simulated annotator label pairs."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from statistics import fmean
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lit_rlhf.data import PreferenceExample, load_prompts, write_preferences
+from lit_rlhf.pipeline.common import RunPaths, annotator_for, sampler, write_jsonl
+from lit_rlhf.pipeline.config import PipelineConfig
+
+
+def all_pairs(k: int) -> list[tuple[int, int]]:
+    """Index pairs (i, j), i < j, of k completions: the k(k−1)/2 comparisons one prompt yields."""
+    return list(itertools.combinations(range(k), 2))
+
+
+def split_prompts(prompts: list[str], val_fraction: float, seed: int) -> set[str]:
+    """The prompts held out for validation: a seeded ``val_fraction`` of them, at least one when the fraction is
+    positive and there are two or more prompts, never all of them."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"collect.val_fraction must be in [0, 1), got {val_fraction}.")
+    unique = sorted(set(prompts))
+    count = round(val_fraction * len(unique))
+    if val_fraction > 0 and len(unique) >= 2:
+        count = min(max(count, 1), len(unique) - 1)
+    return set(random.Random(seed).sample(unique, count))
+
+
+def run_collect(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Write ``collect/train.jsonl`` and ``collect/val.jsonl`` (preference pairs) and ``collect/annotations.jsonl``."""
+    cc = config.collect
+    k = cc.generation.num_samples
+    if k < 2:
+        raise ValueError(f"collect.generation.num_samples is {k}: at least 2 completions per prompt make a pair.")
+    prompts = load_prompts(config.train_prompts, "train", cc.num_prompts)
+    annotator = annotator_for(config)
+    module = sampler(config, cc.generation)
+    torch.manual_seed(config.seed)
+
+    annotations: list[dict[str, Any]] = []
+    identical = 0
+    with tqdm(
+        total=len(prompts), desc="collect: sample and label", unit="prompt", disable=not config.progress_bar
+    ) as bar:
+        for start in range(0, len(prompts), cc.batch_size):
+            chunk = prompts[start : start + cc.batch_size]
+            completions = module.generate(
+                chunk,
+                chat_template=config.chat_template,
+                system_prompt=config.system_prompt,
+                max_prompt_length=config.max_prompt_length,
+                batch_size=cc.batch_size,
+            )
+            pair_prompts, first, second = [], [], []
+            for row, prompt in enumerate(chunk):
+                group = completions[row * k : (row + 1) * k]
+                for i, j in all_pairs(k):
+                    if group[i] == group[j]:  # nothing to prefer; read_preferences would drop it anyway
+                        identical += 1
+                        continue
+                    pair_prompts.append(prompt)
+                    first.append(group[i])
+                    second.append(group[j])
+            for preference in annotator.compare(pair_prompts, first, second):
+                annotations.append(_record(preference))
+            bar.update(len(chunk))
+
+    val_prompts = split_prompts(prompts, cc.val_fraction, config.seed)
+    ties = sum(bool(a.get("tie")) for a in annotations)
+    kept = [a for a in annotations if not (cc.drop_ties and a.get("tie"))]
+    for a in annotations:
+        a["split"] = "val" if a["prompt"] in val_prompts else "train"
+    train = [_example(a) for a in kept if a["split"] == "train"]
+    val = [_example(a) for a in kept if a["split"] == "val"]
+    if not train:
+        raise RuntimeError(
+            f"collect produced no training pairs from {len(prompts)} prompts ({len(annotations)} labelled, {ties} "
+            f"ties, {identical} identical): raise collect.num_prompts or collect.generation.num_samples, or set "
+            "collect.drop_ties: false."
+        )
+    write_preferences(train, paths.train_pairs)
+    write_preferences(val, paths.val_pairs)
+    write_jsonl(paths.annotations, annotations)
+
+    judged = [a for a in annotations if "score_chosen" in a]
+    scored = [a for a in judged if not a.get("tie")]
+    return {
+        "prompts": len(prompts),
+        "samples_per_prompt": k,
+        "completions": len(prompts) * k,
+        "pairs_labelled": len(annotations),
+        "identical_pairs": identical,
+        "ties": ties,
+        "ties_dropped": cc.drop_ties,
+        "train_pairs": len(train),
+        "val_pairs": len(val),
+        "val_prompts": len(val_prompts),
+        # How often the sampled label follows the judge's own ordering: 1 for a noiseless annotator.
+        "label_agreement_with_judge": (
+            fmean(a["score_chosen"] > a["score_rejected"] for a in scored) if scored else None
+        ),
+        # Every completion takes part in about K − 1 pairs, so this is close to the mean over completions.
+        "mean_judge_score": fmean(s for a in judged for s in (a["score_chosen"], a["score_rejected"]))
+        if judged
+        else None,
+        "annotator": type(annotator).__name__,
+    }
+
+
+def _record(preference: Any) -> dict[str, Any]:
+    """One labelled pair as a JSON record; any annotator result with ``prompt``/``chosen``/``rejected`` works."""
+    if hasattr(preference, "to_dict"):
+        return dict(preference.to_dict())
+    return {"prompt": preference.prompt, "chosen": preference.chosen, "rejected": preference.rejected}
+
+
+def _example(annotation: dict[str, Any]) -> PreferenceExample:
+    # No margin: a human label says which is better, not by how much; the judge's gap stays in annotations.jsonl.
+    return PreferenceExample(annotation["prompt"], annotation["chosen"], annotation["rejected"])

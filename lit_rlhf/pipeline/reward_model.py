@@ -1,0 +1,90 @@
+"""Stage 2: fit a Bradley–Terry reward model to the collected pairs, export it, and measure held-out pair accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from lit_rlhf.data import PreferenceDataModule, read_preferences
+from lit_rlhf.pipeline.common import RunPaths, make_trainer
+from lit_rlhf.pipeline.config import PipelineConfig
+from lit_rlhf.report import read_jsonl
+from lit_rlhf.reward import RewardModel, RewardModelModule
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Share of pairs whose chosen response scores strictly higher (a tie counts as wrong).
+
+    Shape: chosen (N,), rejected (N,) -> scalar.
+    """
+    return float((chosen > rejected).float().mean()) if chosen.numel() else float("nan")
+
+
+def run_reward(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Train ``RewardModelModule`` on ``collect/train.jsonl``, export it to ``reward/model``, score held-out pairs."""
+    rc = config.reward
+    has_val = bool(read_preferences(paths.val_pairs))
+    data = PreferenceDataModule(
+        tokenizer=rc.backbone,
+        train_path=str(paths.train_pairs),
+        val_path=str(paths.val_pairs) if has_val else None,
+        max_length=rc.max_length,
+        batch_size=rc.batch_size,
+        seed=config.seed,
+    )
+    L.seed_everything(config.seed, verbose=False)
+    module = RewardModelModule(
+        backbone=rc.backbone,
+        lora=rc.lora,
+        learning_rate=rc.learning_rate,
+        weight_decay=rc.weight_decay,
+        warmup_ratio=rc.warmup_ratio,
+        center_rewards_coefficient=rc.center_rewards_coefficient,
+    )
+    trainer = make_trainer(config, rc.trainer, max_epochs=rc.epochs, default_root_dir=str(paths.reward))
+    trainer.fit(module, datamodule=data)
+    module.export(paths.reward_model)
+
+    summary: dict[str, Any] = {
+        "backbone": rc.backbone,
+        "train_pairs": len(data.examples["train"]),
+        "val_pairs": len(data.examples.get("val", [])),
+        "epochs": trainer.current_epoch,
+        "optimizer_steps": trainer.global_step,
+        "final_train_loss": _metric(trainer, "train/loss"),
+    }
+    if has_val:
+        summary.update(held_out_accuracy(config, paths))
+    return summary
+
+
+def held_out_accuracy(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Pair accuracy of the exported model on the held-out prompts' pairs, against the annotator's (noisy) labels and
+    against the judge's own ordering (pairs with equal judge scores left out)."""
+    scorer = RewardModel(
+        str(paths.reward_model), batch_size=config.reward.score_batch_size, max_length=config.reward.max_length
+    )
+    rows = [a for a in read_jsonl(paths.annotations) if a.get("split") == "val"]
+    if config.collect.drop_ties:
+        rows = [a for a in rows if not a.get("tie")]
+    prompts = [a["prompt"] for a in rows]
+    chosen = scorer(prompts, [a["chosen"] for a in rows])
+    rejected = scorer(prompts, [a["rejected"] for a in rows])
+    result: dict[str, Any] = {"val_accuracy": pair_accuracy(chosen, rejected)}
+    judged = [i for i, a in enumerate(rows) if "score_chosen" in a and a["score_chosen"] != a["score_rejected"]]
+    if judged:
+        index = torch.tensor(judged)
+        # Flip pairs the annotator labelled against its judge, so "chosen" is the judge's favourite.
+        agrees = torch.tensor([rows[i]["score_chosen"] > rows[i]["score_rejected"] for i in judged])
+        better = torch.where(agrees, chosen[index], rejected[index])
+        worse = torch.where(agrees, rejected[index], chosen[index])
+        result["val_accuracy_vs_judge"] = pair_accuracy(better, worse)
+        result["val_pairs_judged"] = len(judged)
+    return result
+
+
+def _metric(trainer: L.Trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return float(value) if value is not None else None

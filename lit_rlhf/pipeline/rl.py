@@ -1,0 +1,171 @@
+"""Stage 3: PPO (or any ``PolicyOptimizer``) against the learned reward model, with policy snapshots for evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from lit_rlhf.callbacks import HFExportCallback, MetricsHistory, SampleTable
+from lit_rlhf.data import PromptDataModule
+from lit_rlhf.models import export_pretrained
+from lit_rlhf.pipeline.common import RunPaths, fresh, make_trainer
+from lit_rlhf.pipeline.config import PipelineConfig
+from lit_rlhf.reward import RewardModel
+from lit_rlhf.rl import RLHFModule
+
+SNAPSHOT_PREFIX = "iter-"
+
+
+def snapshot_name(iteration: int) -> str:
+    """Folder name of the policy snapshot taken after ``iteration`` RL iterations."""
+    return f"{SNAPSHOT_PREFIX}{iteration:04d}"
+
+
+def snapshot_iteration(path: Path) -> int:
+    """The iteration count encoded in a snapshot folder's name."""
+    return int(path.name.removeprefix(SNAPSHOT_PREFIX))
+
+
+def list_snapshots(folder: Path) -> list[Path]:
+    """Snapshot folders in iteration order."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and p.name.startswith(SNAPSHOT_PREFIX)), key=snapshot_iteration
+    )
+
+
+def save_policy(module: RLHFModule, path: Path) -> Path:
+    """The policy's trainable state: a PEFT adapter folder under LoRA, else a full transformers checkpoint."""
+    from peft import PeftModel
+
+    if isinstance(module.policy, PeftModel):
+        module.policy.save_pretrained(path)
+        return path
+    return export_pretrained(module.policy, module.tokenizer, path)
+
+
+class PolicySnapshots(Callback):
+    """Save the policy after every ``every`` RL iterations and at the end of training, as ``dirpath/iter-NNNN``.
+
+    Counts ``RLHFModule.iteration`` (rollouts), not ``trainer.global_step`` (optimizer steps). With LoRA a snapshot is
+    the adapter alone (megabytes), which evaluation loads onto the one base model it keeps in memory.
+
+    Args:
+        dirpath: Output folder.
+        every: Iterations between snapshots.
+    """
+
+    def __init__(self, dirpath: str | Path, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"rl.checkpoint_every must be >= 1, got {every}.")
+        self.dirpath, self.every = Path(dirpath), every
+        self.saved: list[Path] = []
+        self._last: int | None = None
+
+    def _save(self, trainer: L.Trainer, module: RLHFModule) -> None:
+        if trainer.is_global_zero and module.iteration != self._last:
+            self.saved.append(save_policy(module, self.dirpath / snapshot_name(module.iteration)))
+        self._last = module.iteration
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.iteration % self.every == 0:
+            self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+
+class StopAfterIterations(Callback):
+    """Stop fitting after ``iterations`` RL iterations, wherever that falls in an epoch of prompts.
+
+    Not ``trainer.max_steps``: that counts optimizer steps, of which an iteration takes a varying number when the
+    algorithm stops its update early (``target_kl``).
+    """
+
+    def __init__(self, iterations: int) -> None:
+        if iterations < 1:
+            raise ValueError(f"rl.iterations must be >= 1, got {iterations}.")
+        self.iterations = iterations
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.iteration >= self.iterations:
+            trainer.should_stop = True
+
+
+def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Fine-tune the policy against ``reward/model``; write ``rl/metrics.jsonl``, ``rl/checkpoints/iter-*`` and,
+    with ``rl.export_final``, ``rl/hf/final``."""
+    rc = config.rl
+    reward = RewardModel(
+        str(paths.reward_model), batch_size=config.reward.score_batch_size, max_length=config.reward.max_length
+    )
+    L.seed_everything(config.seed, verbose=False)
+    algorithm = fresh(rc.algorithm)
+    module = RLHFModule(
+        policy=config.policy,
+        reward=reward,
+        algorithm=algorithm,
+        kl=fresh(rc.kl),
+        kl_estimator=rc.kl_estimator,
+        generation=rc.generation,
+        lora=rc.lora,
+        value_model=rc.value_model,
+        learning_rate=rc.learning_rate,
+        value_learning_rate=rc.value_learning_rate,
+        max_grad_norm=rc.max_grad_norm,
+        missing_eos_penalty=rc.missing_eos_penalty,
+        reward_clip=rc.reward_clip,
+        normalize_reward=rc.normalize_reward,
+        dtype=config.dtype,
+        rollout_seed=config.seed,
+    )
+    data = PromptDataModule(
+        tokenizer=config.policy,
+        path=config.train_prompts,
+        split="train",
+        max_prompt_length=config.max_prompt_length,
+        batch_size=rc.batch_size,
+        seed=config.seed,
+        chat_template=config.chat_template,
+        system_prompt=config.system_prompt,
+        limit=rc.num_prompts,
+    )
+    data.setup("fit")
+    batches_per_epoch = len(data.train_dataloader())
+    steps_per_iteration = algorithm.epochs * algorithm.num_minibatches
+    snapshots = PolicySnapshots(paths.snapshots, rc.checkpoint_every)
+    history = MetricsHistory(dirpath=str(paths.rl))
+    callbacks: list[Callback] = [
+        StopAfterIterations(rc.iterations),
+        snapshots,
+        history,
+        SampleTable(dirpath=str(paths.rl), every_n_steps=rc.checkpoint_every * steps_per_iteration),
+    ]
+    if rc.export_final:
+        callbacks.append(HFExportCallback(dirpath=str(paths.rl / "hf"), on_train_end=True))
+    trainer = make_trainer(
+        config,
+        rc.trainer,
+        max_epochs=math.ceil(rc.iterations / batches_per_epoch),
+        limit_val_batches=0,  # evaluation is its own stage, on every snapshot
+        default_root_dir=str(paths.rl),
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=data)
+
+    last = history.history[-1] if history.history else {}
+    return {
+        "iterations": module.iteration,
+        "prompts_per_iteration": rc.batch_size,
+        "train_prompts": len(data.datasets["train"]),
+        "optimizer_steps": trainer.global_step,
+        "algorithm": type(algorithm).__name__,
+        "final_kl_coef": module.kl.coef,
+        "last": {k: last[k] for k in ("objective/score", "objective/kl", "response/length") if k in last},
+        "snapshots": [p.name for p in snapshots.saved],
+    }
