@@ -90,6 +90,7 @@ def export_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -97,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command in OTHER_COMMANDS:
         _load(OTHER_COMMANDS[command])(rest)
+        return
+    if from_console:
+        # From the console script: LightningCLI reads the stage's arguments from sys.argv itself (it warns when
+        # handed both), so drop the stage word there.
+        sys.argv = [f"{sys.argv[0]} {command}", *rest]
+        run_stage(command, None)
         return
     run_stage(command, rest)
 
