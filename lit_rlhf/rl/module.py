@@ -78,6 +78,9 @@ class Rollout(NamedTuple):
     """(B,) bool: the response ended with EOS or a stop string (not by running out of ``max_new_tokens``)."""
     entropy: Tensor
     """(B, T) entropy of the sampling distribution at each response position."""
+    seconds: dict[str, float]
+    """Wall time of the rollout's parts: ``generate`` (sampling), ``score`` (the reward call), ``forward`` (the
+    no-grad policy, reference and critic forwards)."""
 
 
 class RLHFModule(L.LightningModule):
@@ -384,12 +387,17 @@ class RLHFModule(L.LightningModule):
         if k > 1:
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
             prompts = [p for p in prompts for _ in range(k)]
+        clock = time.perf_counter()
         processor = self.algorithm.logits_processor(self, prompt_ids, prompt_mask) if hooks else None
         sequences = self._sample(prompt_ids, prompt_mask, self.generation, processor)
         length = prompt_ids.shape[1]
         response_ids = sequences[:, length:]
         response_mask, stopped, completions = self._finish(response_ids, self.generation)
+        seconds = {"generate": time.perf_counter() - clock}
+        clock = time.perf_counter()
         raw = self.score(prompts, completions)
+        seconds["score"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         scores = self._shape_scores(raw, stopped) if hooks else raw
         attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
         outputs = self.policy_outputs(sequences, attention_mask, length, hooks=hooks)
@@ -408,7 +416,8 @@ class RLHFModule(L.LightningModule):
             rewards=kl_penalized_rewards(scores, kl, response_mask, self.kl.coef),
             group=group,
         )
-        return Rollout(experience, prompts, completions, raw, stopped, outputs.entropy)
+        seconds["forward"] = time.perf_counter() - clock
+        return Rollout(experience, prompts, completions, raw, stopped, outputs.entropy, seconds)
 
     # --- the iteration ---------------------------------------------------------------------------------------------
 
@@ -455,6 +464,7 @@ class RLHFModule(L.LightningModule):
             "response/eos_frac": rollout.stopped.float().mean(),
             "time/rollout": torch.tensor(rollout_time),
             "time/update": torch.tensor(update_time),
+            **{f"time/{part}": torch.tensor(value) for part, value in rollout.seconds.items()},
             "iteration": torch.tensor(float(self.iteration)),
             **update_metrics,
         }
