@@ -223,3 +223,15 @@ def test_generation_options():
     for bad in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}, {"num_samples": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GenerationOptions(**bad)
+
+
+def test_fused_logprobs_and_entropy_match_the_separate_functions():
+    from lit_rlhf.rl.rollout import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
+
+    logits = torch.randn(2, 3, 5)
+    logits[0, 0, 1] = float("-inf")  # a masked token (NLPO) must not turn either output into nan
+    tokens = torch.tensor([[0, 2, 4], [1, 1, 3]])
+    logprobs, entropy = logprobs_and_entropy(logits, tokens)
+    torch.testing.assert_close(logprobs, logprobs_from_logits(logits, tokens))
+    torch.testing.assert_close(entropy, entropy_from_logits(logits))
+    assert torch.isfinite(entropy).all()

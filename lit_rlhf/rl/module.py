@@ -44,8 +44,8 @@ from lit_rlhf.rl.rollout import (
     causal_lm_forward,
     checkpoint_decoder_layers,
     cut_at_stop_strings,
-    entropy_from_logits,
     kl_penalized_rewards,
+    logprobs_and_entropy,
     logprobs_from_logits,
     stop_mask,
     stop_string_positions,
@@ -359,7 +359,8 @@ class RLHFModule(L.LightningModule):
         elif hooks and self.value_model is not None:
             values = self.value_model(sequences, attention_mask)[:, prompt_length - 1 : -1].float()
         response = sequences[:, prompt_length:]
-        return PolicyOutputs(logprobs_from_logits(logits, response), entropy_from_logits(logits), values)
+        logprobs, entropy = logprobs_and_entropy(logits, response)
+        return PolicyOutputs(logprobs, entropy, values)
 
     def _temperature_scaled(self, logits: Tensor) -> Tensor:
         temperature = self.generation.temperature if self.generation.do_sample else 1.0

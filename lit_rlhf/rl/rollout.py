@@ -128,6 +128,17 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp.exp() * safe).sum(-1)
 
 
+def logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """``logprobs_from_logits`` and ``entropy_from_logits`` from one log-softmax: over a 49k vocabulary the softmax
+    is a large share of a training forward, so the policy's forward computes it once.
+
+    Shape: logits (B, T, V), tokens (B, T) -> logprobs (B, T), entropy (B, T).
+    """
+    logp = logits.float().log_softmax(-1)
+    safe = logp.masked_fill(~torch.isfinite(logp), 0.0)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * safe).sum(-1)
+
+
 def stop_mask(is_stop: Tensor) -> tuple[Tensor, Tensor]:
     """Keep every token up to and including the first stop; mask everything after it.
 
