@@ -235,3 +235,18 @@ def test_fused_logprobs_and_entropy_match_the_separate_functions():
     torch.testing.assert_close(logprobs, logprobs_from_logits(logits, tokens))
     torch.testing.assert_close(entropy, entropy_from_logits(logits))
     assert torch.isfinite(entropy).all()
+
+
+def test_gae_advantages_whitens_advantages_but_not_returns():
+    from lit_rlhf.rl.advantages import gae_advantages
+
+    rewards = torch.tensor([[0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.5]])
+    mask = torch.ones(1, 2)
+    # γ = λ = 1: δ = [0 + 0.5 - 0.5, 1 - 0.5] = [0, 0.5]; A = [0.5, 0.5]; returns = A + V = [1, 1]
+    raw, returns = gae_advantages(rewards, values, mask, 1.0, 1.0, whiten_advantages=False)
+    torch.testing.assert_close(raw, torch.tensor([[0.5, 0.5]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0]]))
+    whitened, same_returns = gae_advantages(rewards, values, mask, 1.0, 1.0, whiten_advantages=True)
+    torch.testing.assert_close(whitened, torch.zeros(1, 2))  # equal advantages whiten to 0
+    torch.testing.assert_close(same_returns, returns)

@@ -56,6 +56,18 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, (advantages + values) * mask
 
 
+def gae_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, whiten_advantages: bool
+) -> tuple[Tensor, Tensor]:
+    """``gae`` followed, optionally, by masked whitening of the advantages (the returns stay raw value targets):
+    what every actor-critic optimizer here (PPO, A2C, NLPO through PPO) does with a rollout.
+
+    Shape: rewards, values, mask (B, T) -> advantages (B, T), returns (B, T).
+    """
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    return (whiten(advantages, mask) if whiten_advantages else advantages), returns
+
+
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     """Reward-to-go G_t = r_t + γ·G_{t+1}, with G = 0 after the last response token.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lit_rlhf.rl.advantages import gae, masked_mean, whiten
+from lit_rlhf.rl.advantages import gae_advantages, masked_mean
 from lit_rlhf.rl.losses import clipped_policy_loss, clipped_value_loss
 from lit_rlhf.rl.optimizers.base import Experience, PolicyOptimizer, PolicyOutputs
 
@@ -51,11 +51,14 @@ class PPO(PolicyOptimizer):
         self.target_kl = target_kl
 
     def advantages(self, experience: Experience) -> tuple[Tensor, Tensor]:
-        mask = experience.response_mask
-        advantages, returns = gae(experience.rewards, experience.values, mask, self.gamma, self.lam)
-        if self.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        return advantages, returns
+        return gae_advantages(
+            experience.rewards,
+            experience.values,
+            experience.response_mask,
+            self.gamma,
+            self.lam,
+            self.whiten_advantages,
+        )
 
     def loss(self, batch: Experience, outputs: PolicyOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask
