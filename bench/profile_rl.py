@@ -1,8 +1,10 @@
 """Where one RL iteration of ours spends its time, and what candidate speed-ups buy (prototyped here by patching
 the module, not by editing it): ``python bench/profile_rl.py [--tiny] [--variants baseline,shared,...]``.
 
-Variants: ``baseline`` (PPO, separate critic), ``shared`` (critic head on the policy trunk: one forward gives
-log-probs and values), ``fused`` (one log-softmax for log-probs and entropy), ``bf16`` (bfloat16 autocast on CPU).
+A variant is ``baseline`` or options joined by ``+``: ``unfused`` (log-probs and entropy from two log-softmaxes, as
+before the fused ``logprobs_and_entropy``), ``shared`` (critic head on the policy trunk: one forward gives log-probs
+and values, instead of a separate critic), ``bf16`` (the Trainer's ``precision="bf16-mixed"``: bfloat16 autocast,
+LM head in float32). ``baseline`` is PPO with a separate critic in float32, fused log-softmax.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +46,7 @@ def timed(obj: Any, attr: str, name: str) -> None:
     setattr(obj, attr, wrapper)
 
 
-def fused_outputs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of ``tokens`` and entropy from ONE log-softmax. Shape: (B, T, V), (B, T) -> (B, T), (B, T)."""
-    logp = logits.float().log_softmax(-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-
-
-def build(variant: str, tiny: bool):
+def build(options: set[str], tiny: bool):
     from lit_rlhf.judges import VaderJudge
     from lit_rlhf.models import resolve
     from lit_rlhf.rl import GenerationOptions, RLHFModule
@@ -62,36 +58,42 @@ def build(variant: str, tiny: bool):
         reward=VaderJudge(),
         algorithm=PPO(epochs=1),  # as in the RL benchmark
         generation=GenerationOptions(max_new_tokens=8 if tiny else 32),
-        value_model="shared" if variant == "shared" else "separate",
+        value_model="shared" if "shared" in options else "separate",
         learning_rate=1e-5,
         rollout_seed=0,
     )
-    if variant == "fused":
+    if "unfused" in options:
         import lit_rlhf.rl.module as module_file
+        from lit_rlhf.rl.rollout import entropy_from_logits, logprobs_from_logits
 
-        # policy_outputs computes log_softmax twice (log-probs, then entropy); share it.
-        cache: dict[int, Any] = {}
-
-        def logprobs(logits, tokens):
-            value, entropy = fused_outputs(logits, tokens)
-            cache[id(logits)] = entropy
-            return value
-
-        def entropy(logits):
-            return cache.pop(id(logits))
-
-        module_file.logprobs_from_logits, module_file.entropy_from_logits = logprobs, entropy
+        module_file.logprobs_and_entropy = lambda logits, tokens: (
+            logprobs_from_logits(logits, tokens),
+            entropy_from_logits(logits),
+        )
     return module
 
 
 def profile(variant: str, tiny: bool, iterations: int) -> dict[str, Any]:
+    import lit_rlhf.rl.module as module_file
+
+    SECTIONS.clear()
+    options = set() if variant == "baseline" else set(variant.split("+"))
+    unknown = options - {"unfused", "shared", "bf16"}
+    if unknown:
+        raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {variant!r}")
+    fused = module_file.logprobs_and_entropy
+    try:
+        return _profile(build(options, tiny), variant, options, tiny, iterations)
+    finally:
+        module_file.logprobs_and_entropy = fused  # undo ``unfused`` for the next variant
+
+
+def _profile(module: Any, variant: str, options: set[str], tiny: bool, iterations: int) -> dict[str, Any]:
     import lightning as L
 
     from lit_rlhf.data.prompts import PromptDataModule
     from lit_rlhf.models import resolve
 
-    SECTIONS.clear()
-    module = build(variant, tiny)
     timed(module, "_sample", "generate")
     timed(module, "score", "reward (decode + VADER)")
     timed(module, "reference_logprobs", "reference forward")
@@ -112,9 +114,9 @@ def profile(variant: str, tiny: bool, iterations: int) -> dict[str, Any]:
             return original_outputs(*args, **kwargs)
 
     module.policy_outputs = policy_outputs
-    context = torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16" else nullcontext()
     data = PromptDataModule(resolve("tiny-llama" if tiny else "smollm2-135m-instruct"), batch_size=8, shuffle=False)
     durations: list[float] = []
+    metrics: list[dict[str, float]] = []
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -122,6 +124,7 @@ def profile(variant: str, tiny: bool, iterations: int) -> dict[str, Any]:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             durations.append(time.perf_counter() - self.start)
+            metrics.append(outputs["metrics"])
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -133,9 +136,9 @@ def profile(variant: str, tiny: bool, iterations: int) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[Clock()],
+        precision="bf16-mixed" if "bf16" in options else "32-true",
     )
-    with context:
-        trainer.fit(module, data)
+    trainer.fit(module, data)
     # The first iteration warms up allocators and kernels; report the rest.
     warm = sum(durations[1:]) / max(1, len(durations) - 1)
     total = sum(durations)
@@ -150,7 +153,15 @@ def profile(variant: str, tiny: bool, iterations: int) -> dict[str, Any]:
     )
     times["other (Lightning, KL, advantages, logging)"] = total - sum(times.values())
     shares = {name: seconds / total for name, seconds in sorted(times.items(), key=lambda kv: -kv[1])}
-    return {"variant": variant, "seconds_per_iteration": warm, "share_of_time": shares, "peak_rss_mb": peak_rss_mb()}
+    # Sanity of the numerics: KL to the reference, and how far the update moved the policy from the rollout's.
+    checks = ("objective/kl", "objective/score", "policy/approx_kl", "policy/clip_frac", "objective/entropy")
+    return {
+        "variant": variant,
+        "seconds_per_iteration": warm,
+        "share_of_time": shares,
+        "peak_rss_mb": peak_rss_mb(),
+        "metrics_per_iteration": [{key: m[key] for key in checks if key in m} for m in metrics],
+    }
 
 
 def main() -> None:

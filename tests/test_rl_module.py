@@ -16,7 +16,7 @@ from test_rl_support import (
 from lit_rlhf.models import LoraOptions
 from lit_rlhf.rl import A2C, NLPO, PPO, AdaptiveKL, GenerationOptions
 from lit_rlhf.rl.optimizers.nlpo import MASK_ADAPTER, top_p_mask
-from lit_rlhf.rl.rollout import causal_lm_forward
+from lit_rlhf.rl.rollout import causal_lm_forward, full_precision_head
 
 ALGORITHMS = {
     "ppo": lambda: PPO(epochs=2, num_minibatches=2),
@@ -208,3 +208,34 @@ def test_generate_and_export_round_trip(tmp_path):
         ours = module.policy(input_ids=batch["input_ids"]).logits
         theirs = exported(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_full_precision_head_keeps_logits_float32_under_autocast():
+    module = tiny_module()
+    batch = prompt_batch(PROMPTS)
+    with torch.no_grad():
+        exact = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            assert full_precision_head(module.policy) and not full_precision_head(module.policy)  # once only
+            mixed = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert rounded.dtype == torch.bfloat16 and mixed.dtype == torch.float32
+    # The trunk still runs in bfloat16, so the logits are not exact, but closer than bfloat16 logits.
+    assert (mixed - exact).abs().max() < (rounded.float() - exact).abs().max()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_bf16_mixed_precision_trains_with_float32_logits(lora):
+    module = tiny_module(algorithm=PPO(epochs=2), lora=LoraOptions(r=4) if lora else None)
+    before = snapshot(module.policy)
+    outputs = Outputs()
+    trainer(2, callbacks=[outputs], precision="bf16-mixed").fit(module, prompt_loader())
+    assert getattr(module.policy.get_output_embeddings(), "_lit_rlhf_full_precision", False)
+    assert changed(before, module.policy)
+    assert all(p.dtype == torch.float32 for p in module.policy.parameters())  # weights stay float32 (mixed)
+    first = outputs.outputs[0]["metrics"]
+    # Rollout and update run the same autocast computation: at the first iteration the policy is the reference
+    # and the first epoch's ratio is exactly 1, so the KL is 0 to rounding.
+    assert abs(first["objective/kl"]) < 1e-5
+    for out in outputs.outputs:
+        assert all(math.isfinite(v) for v in out["metrics"].values()), out["metrics"]

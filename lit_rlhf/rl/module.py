@@ -44,6 +44,7 @@ from lit_rlhf.rl.rollout import (
     causal_lm_forward,
     checkpoint_decoder_layers,
     cut_at_stop_strings,
+    full_precision_head,
     kl_penalized_rewards,
     logprobs_and_entropy,
     logprobs_from_logits,
@@ -259,6 +260,11 @@ class RLHFModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self, quantised=is_quantised(self.policy))
+        if str(self.trainer.precision).endswith("-mixed"):
+            # Autocast trunk, full-precision logits: log-probs, KL and ratios keep their meaning (see the helper).
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    full_precision_head(model)
         if self.rollout_backend == "vllm" and is_sharded(self):
             raise ValueError("rollout_backend: vllm needs whole weights on every rank: use strategy: ddp, not FSDP.")
 
