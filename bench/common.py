@@ -27,11 +27,13 @@ def set_threads(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of a ``size``×``size`` torch matmul on this process's threads (2·n³ FLOPs each)."""
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, dtype: str = "fp32") -> float:
+    """Best FLOP/s of a ``size``×``size`` torch matmul (``dtype`` ``fp32`` or ``bf16``) on this process's threads
+    (2·n³ FLOPs each)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
     a @ b  # warm-up: thread pool and allocator
     best = float("inf")
     for _ in range(repeats):

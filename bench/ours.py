@@ -35,9 +35,10 @@ class StepClock(L.Callback):
         self.batches.append(batch)
 
 
-def quiet_trainer(callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+def quiet_trainer(callbacks: list[L.Callback], precision: str = "fp32", **kwargs: Any) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -75,12 +76,16 @@ def run_rl(cfg: dict[str, Any]) -> dict[str, Any]:
         learning_rate=cfg["lr"],
         max_grad_norm=1.0,
         rollout_seed=cfg["seed"],
+        gradient_checkpointing=cfg["gradient_checkpointing"],
     )
     data = PromptDataModule(
         cfg["model"], path=cfg["prompts_file"], batch_size=cfg["prompts_per_iter"], shuffle=False, val_limit=1
     )
     clock = StepClock()
-    quiet_trainer([clock], max_epochs=1, limit_train_batches=cfg["iterations"], limit_val_batches=0).fit(module, data)
+    trainer = quiet_trainer(
+        [clock], cfg["precision"], max_epochs=1, limit_train_batches=cfg["iterations"], limit_val_batches=0
+    )
+    trainer.fit(module, data)
     scores = [float(out["scores"].mean()) for out in clock.outputs]
     tokens = [out["metrics"]["response/length"] * len(out["completions"]) for out in clock.outputs]
     seconds = steady_mean(clock.durations)
@@ -109,7 +114,12 @@ def run_reward(cfg: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(cfg["seed"])
     module = RewardModelModule(
-        backbone=cfg["model"], learning_rate=cfg["lr"], weight_decay=0.0, scheduler="constant", warmup_ratio=0.0
+        backbone=cfg["model"],
+        learning_rate=cfg["lr"],
+        weight_decay=0.0,
+        scheduler="constant",
+        warmup_ratio=0.0,
+        gradient_checkpointing=cfg["gradient_checkpointing"],
     )
     data = PreferenceDataModule(
         cfg["model"],
@@ -120,10 +130,10 @@ def run_reward(cfg: dict[str, Any]) -> dict[str, Any]:
         seed=cfg["seed"],
     )
     clock = StepClock()
-    trainer = quiet_trainer([clock], max_epochs=cfg["epochs"], limit_val_batches=0)
+    trainer = quiet_trainer([clock], cfg["precision"], max_epochs=cfg["epochs"], limit_val_batches=0)
     trainer.fit(module, data)
     pairs = steady_mean([cfg["batch_size"] / d for d in clock.durations])
-    trainer = quiet_trainer([], limit_val_batches=1.0)
+    trainer = quiet_trainer([], cfg["precision"], limit_val_batches=1.0)
     metrics = trainer.validate(module, data.val_dataloader(), verbose=False)[0]
     return {
         "pairs_per_second": pairs,
@@ -139,7 +149,13 @@ def run_sft(cfg: dict[str, Any]) -> dict[str, Any]:
     from lit_rlhf.sft import SFTModule
 
     torch.manual_seed(cfg["seed"])
-    module = SFTModule(cfg["model"], learning_rate=cfg["lr"], scheduler="constant", warmup_ratio=0.0)
+    module = SFTModule(
+        cfg["model"],
+        learning_rate=cfg["lr"],
+        scheduler="constant",
+        warmup_ratio=0.0,
+        gradient_checkpointing=cfg["gradient_checkpointing"],
+    )
     data = SFTDataModule(
         cfg["model"],
         train_path=cfg["train_file"],
@@ -156,10 +172,10 @@ def run_sft(cfg: dict[str, Any]) -> dict[str, Any]:
             tokens.append(int(batch["attention_mask"].sum()))
 
     clock = StepClock()
-    trainer = quiet_trainer([CountTokens(), clock], max_epochs=cfg["epochs"], limit_val_batches=0)
+    trainer = quiet_trainer([CountTokens(), clock], cfg["precision"], max_epochs=cfg["epochs"], limit_val_batches=0)
     trainer.fit(module, data)
     losses = [float(out["loss"]) for out in clock.outputs]
-    metrics = quiet_trainer([]).validate(module, data.val_dataloader(), verbose=False)[0]
+    metrics = quiet_trainer([], cfg["precision"]).validate(module, data.val_dataloader(), verbose=False)[0]
     return {
         "tokens_per_second": steady_mean([n / d for n, d in zip(tokens, clock.durations, strict=True)]),
         "steps": len(losses),

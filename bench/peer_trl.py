@@ -52,6 +52,9 @@ def common_args(cfg: dict[str, Any]) -> dict[str, Any]:
         "max_grad_norm": 1.0,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
+        # TRL defaults to bf16 and gradient checkpointing even on a CPU: state both, as the driver set them for us too.
+        "bf16": cfg["precision"] == "bf16",
+        "gradient_checkpointing": cfg["gradient_checkpointing"],
     }
 
 

@@ -47,6 +47,19 @@ class IterationClock(TrainerCallback):
         self._last = now
 
 
+def tokenizer_from_files(folder: Path):
+    """A tokenizer saved by transformers 5 (class ``TokenizersBackend``, list-valued ``extra_special_tokens``), which
+    this venv's 4.x cannot load by name: rebuilt from its ``tokenizer.json``, special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), padding_side="left", **special)
+    template = folder / "chat_template.jinja"
+    tokenizer.chat_template = template.read_text() if template.exists() else config.get("chat_template")
+    return tokenizer
+
+
 def run_ppo(cfg: dict[str, Any]) -> dict[str, Any]:
     import trl.trainer.ppo_trainer as ppo_module
     from datasets import Dataset
@@ -56,10 +69,8 @@ def run_ppo(cfg: dict[str, Any]) -> dict[str, Any]:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg["model"], padding_side="left")
-    except ValueError:  # saved by transformers 5 ("TokenizersBackend"), which this venv's 4.x cannot name
-        from transformers import PreTrainedTokenizerFast
-
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg["model"], padding_side="left")
+    except (ValueError, ImportError, AttributeError):
+        tokenizer = tokenizer_from_files(Path(cfg["model"]))
     # TRL's PPO finds padding by token id, so padding must differ from EOS (SmolLM2 pads with its EOS); use an
     # existing unused token rather than growing the vocabulary.
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -112,6 +123,8 @@ def run_ppo(cfg: dict[str, Any]) -> dict[str, Any]:
         stop_token="eos",
         num_sample_generations=0,
         disable_tqdm=True,
+        bf16=cfg["precision"] == "bf16",  # TRL's default is bf16 and gradient checkpointing: both set explicitly
+        gradient_checkpointing=cfg["gradient_checkpointing"],
     )
     torch.manual_seed(cfg["seed"])
     policy = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)

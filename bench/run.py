@@ -46,7 +46,7 @@ def rl_settings(tiny: bool, work: Path) -> dict[str, Any]:
     from lit_rlhf.data.prompts import load_prompts
     from lit_rlhf.models import resolve
 
-    iterations = 2 if tiny else 3
+    iterations = 2 if tiny else 5
     base = {
         "model": resolve("tiny-llama" if tiny else "smollm2-135m-instruct"),
         "iterations": iterations,
@@ -61,7 +61,9 @@ def rl_settings(tiny: bool, work: Path) -> dict[str, Any]:
     # PPO: TRL's PPOTrainer samples one completion per prompt; RLOO / GRPO need groups of completions.
     ppo = {**base, "algorithm": "ppo", "epochs": 1, "prompts_per_iter": 2 if tiny else 8, "num_samples": 1}
     rloo = {**base, "algorithm": "rloo", "epochs": 1, "prompts_per_iter": 1 if tiny else 2, "num_samples": 4}
-    return {"ppo": ppo, "rloo": rloo}
+    # Our PPO two ways: a separate critic as TRL's (like for like), and the critic head on the policy trunk (our
+    # pipeline's default; TRL's PPOTrainer has no such option).
+    return {"ppo": {**ppo, "value_model": "separate"}, "ppo_shared": {**ppo, "value_model": "shared"}, "rloo": rloo}
 
 
 def reward_settings(tiny: bool, work: Path) -> dict[str, Any]:
@@ -176,8 +178,14 @@ def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
     if task == "rl":
         return [
             {
-                "row": "RL: our PPO vs TRL 0.25.1 PPOTrainer",
+                "row": "RL: our PPO (separate critic, as TRL's) vs TRL 0.25.1 PPOTrainer",
                 "ours": (ours, "ours.py", "rl", settings["ppo"], "ours_ppo"),
+                "peer": (TRL_PPO_PYTHON, "peer_trl_ppo.py", "ppo", settings["ppo"], "trl_ppo"),
+                "metrics": RL_METRICS,
+            },
+            {
+                "row": "RL: our PPO (critic head on the policy trunk) vs TRL 0.25.1 PPOTrainer",
+                "ours": (ours, "ours.py", "rl", settings["ppo_shared"], "ours_ppo_shared"),
                 "peer": (TRL_PPO_PYTHON, "peer_trl_ppo.py", "ppo", settings["ppo"], "trl_ppo"),
                 "metrics": RL_METRICS,
             },
@@ -239,12 +247,12 @@ def fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def run_task(task: str, tiny: bool, sides: str, threads: int, peak: float) -> dict[str, Any]:
+def run_task(task: str, tiny: bool, sides: str, threads: int, precision: str, peak: float) -> dict[str, Any]:
     builders = {"rl": rl_settings, "reward": reward_settings, "sft": sft_settings, "generation": generation_settings}
     work = Path(tempfile.mkdtemp(prefix=f"lit-rlhf-bench-{task}-"))
     settings = builders[task](tiny, work)
     for value in settings.values() if task == "rl" else [settings]:
-        value["threads"] = threads
+        value.update(threads=threads, precision=precision, gradient_checkpointing=False)
     cache: dict[str, dict[str, Any]] = {}
     rows = []
     for comparison in comparisons(task, settings):
@@ -286,20 +294,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny-llama and a few steps: checks the scripts run")
     parser.add_argument("--sides", choices=["both", "ours", "peer"], default="both")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2), help="torch threads per side")
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="both sides: bf16 autocast (TRL's default, and ours on CPUs with bf16 matmuls) or float32",
+    )
     parser.add_argument("--out", default=str(BENCH_DIR / "results"), help="folder for the JSON results")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     set_threads(args.threads)
-    peak = matmul_peak_flops(512 if args.tiny else 2048)
-    machine = {"cpu_count": os.cpu_count(), "threads": args.threads, "matmul_peak_gflops": peak / 1e9}
-    print(f"float32 matmul peak on {args.threads} thread(s): {peak / 1e9:.1f} GFLOP/s")
+    size = 512 if args.tiny else 2048
+    peaks = {name: matmul_peak_flops(size, dtype=name) for name in ("fp32", "bf16")}
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "precision": args.precision,
+        **{f"matmul_peak_gflops_{name}": value / 1e9 for name, value in peaks.items()},
+    }
+    for name, value in peaks.items():
+        print(f"{name} matmul peak on {args.threads} thread(s): {value / 1e9:.1f} GFLOP/s")
     tasks = ["rl", "reward", "sft", "generation"] if args.task == "all" else [args.task]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = False
     for task in tasks:
-        result = run_task(task, args.tiny, args.sides, args.threads, peak)
+        result = run_task(task, args.tiny, args.sides, args.threads, args.precision, peaks[args.precision])
         result["machine"] = machine
         name = f"{task}-tiny.json" if args.tiny else f"{task}.json"
         (out / name).write_text(json.dumps(result, indent=2, default=str))
