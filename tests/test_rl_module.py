@@ -182,6 +182,15 @@ def test_score_shaping_and_reward_checks():
 def test_value_model_choices():
     shared = tiny_module(value_model="shared")
     assert shared.value_model is None and shared.value_head is not None
+    # Both kinds of critic start at 0 for every token (the mean of normalised returns), not at random values.
+    batch = prompt_batch(PROMPTS)
+    with torch.no_grad():
+        values = shared.policy_outputs(batch["input_ids"], batch["attention_mask"], 2).values
+        separate = tiny_module(value_model="separate")
+        assert torch.equal(
+            separate.value_model(batch["input_ids"], batch["attention_mask"]), torch.zeros(batch["input_ids"].shape)
+        )
+    assert torch.equal(values, torch.zeros_like(values))
     head_before, policy_before = snapshot(shared.value_head), snapshot(shared.policy)
     trainer(1).fit(shared, prompt_loader())
     assert changed(head_before, shared.value_head) and changed(policy_before, shared.policy)

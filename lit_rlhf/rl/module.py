@@ -252,10 +252,14 @@ class RLHFModule(L.LightningModule):
                 checkpoint_decoder_layers(self.value_model)
         self.value_head = None
         if self.value_mode == "shared":
-            hidden = self.policy.config.hidden_size
-            self.value_head = nn.Linear(hidden, 1, dtype=self.policy.dtype)
-            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            nn.init.zeros_(self.value_head.bias)
+            self.value_head = nn.Linear(self.policy.config.hidden_size, 1, dtype=self.policy.dtype)
+        # A critic that knows nothing predicts 0, the mean of normalised returns. A random head would not: last hidden
+        # states have norms of ~40 (SmolLM2), so a 1/sqrt(d) init gives per-token values with a std of ~1.7, more
+        # than the returns', which GAE turns into advantage noise larger than the signal for the first iterations.
+        critic_head = self.value_head if self.value_head is not None else getattr(self.value_model, "head", None)
+        if critic_head is not None:
+            nn.init.zeros_(critic_head.weight)
+            nn.init.zeros_(critic_head.bias)
         self.algorithm.bind(self)
 
     def setup(self, stage: str) -> None:
