@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
@@ -37,6 +38,50 @@ class EpochSeededSampler(Sampler[int]):
         return self.size
 
 
+class LengthGroupedSampler(EpochSeededSampler):
+    """Shuffled like ``EpochSeededSampler``, then ordered so that each run of ``batch_size`` indices holds examples of
+    similar length: batches pad less, which is time saved in every forward and backward.
+
+    The epoch's permutation is cut into windows of ``batch_size × window_batches`` examples; each window is sorted by
+    length (longest first) and cut into batches; the batches are shuffled, except that the full batch holding the
+    longest example comes first, so a batch that does not fit in memory fails at step 0, not hours in. Which
+    examples share a window is random each epoch; within a window, batches are no longer independent draws.
+
+    Args:
+        lengths: Token length of every example.
+        batch_size: The DataLoader's batch size.
+        seed: As in ``EpochSeededSampler``: the order is a function of (seed, epoch).
+        window_batches: Batches per sorting window: larger pads less, smaller keeps batches more random.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window_batches: int = 50) -> None:
+        super().__init__(lengths, seed)
+        if batch_size < 1 or window_batches < 1:
+            raise ValueError(f"batch_size ({batch_size}) and window_batches ({window_batches}) must be >= 1.")
+        self.lengths = torch.as_tensor(list(lengths))
+        self.batch_size, self.window_batches = batch_size, window_batches
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        window = self.batch_size * self.window_batches
+        batches: list[Tensor] = []
+        for chunk in order.split(window):
+            ranked = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += list(ranked.split(self.batch_size))
+        if not batches:
+            return iter([])
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        # Only the last window's tail can be short; it must stay last, or the DataLoader would cut a later batch in
+        # two. The longest full batch goes first.
+        full = [b for b in shuffled if len(b) == self.batch_size]
+        short = [b for b in shuffled if len(b) < self.batch_size]
+        if full:
+            first = max(range(len(full)), key=lambda i: int(self.lengths[full[i]].max()))
+            full.insert(0, full.pop(first))
+        return iter(torch.cat(full + short).tolist())
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -44,15 +89,17 @@ def make_loader(
     seed: int,
     num_workers: int,
     collate_fn: Callable[[list[Any]], Any],
+    lengths: Sequence[int] | None = None,
 ) -> DataLoader:
-    """A DataLoader over ``dataset``; shuffled in the seed-and-epoch order when ``shuffle``, else in file order."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochSeededSampler(dataset, seed) if shuffle else None,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-    )
+    """A DataLoader over ``dataset``; shuffled in the seed-and-epoch order when ``shuffle``, else in file order.
+    With ``lengths`` (and ``shuffle``) batches group examples of similar length (``LengthGroupedSampler``)."""
+    if not shuffle:
+        sampler = None
+    elif lengths is not None:
+        sampler = LengthGroupedSampler(lengths, batch_size, seed)
+    else:
+        sampler = EpochSeededSampler(dataset, seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -72,6 +119,7 @@ class SplitDataModule(L.LightningDataModule):
         seed: int,
         batch_size: int,
         num_workers: int,
+        group_by_length: bool = False,
     ) -> None:
         if paths["val"] is not None and val_fraction:
             raise ValueError("Give either val_path or val_fraction, not both.")
@@ -80,7 +128,7 @@ class SplitDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.paths, self.splits = paths, splits
         self.val_fraction, self.seed = val_fraction, seed
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.group_by_length = batch_size, num_workers, group_by_length
         self.stats: dict[str, dict[str, int]] = {}
         """Counts per split (``rows``, ``kept``, ``invalid`` and the subclass's own; ``held_out`` on train when
         ``val_fraction`` carves a validation set)."""
@@ -138,7 +186,10 @@ class SplitDataModule(L.LightningDataModule):
         if split not in self.examples:
             return []  # type: ignore[return-value]  # Lightning treats an empty list as "no batches"
         dataset = self.make_dataset(self.examples[split])
-        return make_loader(dataset, self.batch_size, shuffle, self.seed, self.num_workers, self.make_collator())
+        lengths = [dataset.length(i) for i in range(len(dataset))] if shuffle and self.group_by_length else None
+        return make_loader(
+            dataset, self.batch_size, shuffle, self.seed, self.num_workers, self.make_collator(), lengths
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

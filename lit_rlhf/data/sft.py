@@ -62,6 +62,10 @@ class SFTDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
         return encode_sft(self.tokenizer, self.examples[index], self.max_length)
 
+    def length(self, index: int) -> int:
+        """Tokens of example ``index``."""
+        return len(self[index][0])
+
 
 class SFTCollator:
     """Right-pad ``(ids, labels)`` items: ``input_ids`` / ``attention_mask`` / ``labels`` (B, T), labels -100 on pad."""
@@ -103,6 +107,7 @@ class SFTDataModule(SplitDataModule):
         max_length: int = 512,
         batch_size: int = 8,
         num_workers: int = 0,
+        group_by_length: bool = False,
         skip_invalid: bool = False,
         chat_template: bool = True,
         system_prompt: str | None = None,
@@ -124,6 +129,8 @@ class SFTDataModule(SplitDataModule):
             max_length: Longest sequence in tokens; the prompt is cut from the left first, then the completion's end.
             batch_size: Sequences per batch.
             num_workers: DataLoader worker processes.
+            group_by_length: Batch training examples of similar length together (``LengthGroupedSampler``): less
+                padding, so faster steps; batches are then drawn from length-sorted windows of 50 batches.
             skip_invalid: Skip and count bad rows instead of stopping at the first with a ``DataFormatError``.
             chat_template: Render plain ``prompt``/``completion`` rows with the tokenizer's chat template (keep True
                 when the RL stage also uses the template, so that both stages prompt the model the same way).
@@ -143,6 +150,7 @@ class SFTDataModule(SplitDataModule):
             seed,
             batch_size,
             num_workers,
+            group_by_length,
         )
         self.max_length, self.skip_invalid, self.hub_kwargs = max_length, skip_invalid, hub_kwargs
         self.chat_template, self.system_prompt = chat_template, system_prompt
