@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_rlhf.data import PreferenceExample, load_prompts, write_preferences
-from lit_rlhf.pipeline.common import RunPaths, annotator_for, sampler, write_jsonl
+from lit_rlhf.pipeline.common import RunPaths, annotator_for, sampler, sampling_precision, write_jsonl
 from lit_rlhf.pipeline.config import PipelineConfig
 
 
@@ -50,13 +50,14 @@ def run_collect(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     ) as bar:
         for start in range(0, len(prompts), cc.batch_size):
             chunk = prompts[start : start + cc.batch_size]
-            completions = module.generate(
-                chunk,
-                chat_template=config.chat_template,
-                system_prompt=config.system_prompt,
-                max_prompt_length=config.max_prompt_length,
-                batch_size=cc.batch_size,
-            )
+            with sampling_precision(config, module):
+                completions = module.generate(
+                    chunk,
+                    chat_template=config.chat_template,
+                    system_prompt=config.system_prompt,
+                    max_prompt_length=config.max_prompt_length,
+                    batch_size=cc.batch_size,
+                )
             pair_prompts, first, second = [], [], []
             for row, prompt in enumerate(chunk):
                 group = completions[row * k : (row + 1) * k]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from lit_rlhf.judges import BradleyTerryAnnotator, Judge, VaderJudge
 from lit_rlhf.models import LoraOptions
 from lit_rlhf.pipeline.config import PipelineConfig
 from lit_rlhf.rl import PPO, GenerationOptions, RLHFModule
+from lit_rlhf.rl.rollout import full_precision_head
 
 DEFAULT_ANNOTATOR_TEMPERATURE = 0.1
 """Label noise of the default annotator, in VADER units: a score gap of 0.1 is labelled right about 73% of the time."""
@@ -210,6 +212,15 @@ def sampler(
     return module.eval()
 
 
+def sampling_precision(config: PipelineConfig, module: RLHFModule) -> AbstractContextManager:
+    """Autocast for sampling outside a Trainer (collect) under ``precision: bf16-mixed``, with the LM head kept in
+    float32 as the RL stage keeps it; a no-op context under ``32-true``."""
+    if config.precision == "32-true":
+        return nullcontext()
+    full_precision_head(module.policy)
+    return torch.autocast(device_type=module.device.type, dtype=torch.bfloat16)
+
+
 def make_trainer(config: PipelineConfig, overrides: dict[str, Any], **settings: Any) -> L.Trainer:
     """A Trainer with the pipeline's defaults (one device, no logger or Lightning checkpoints: each stage saves
     its own outputs), then ``settings``, then the user's ``overrides`` from the stage's ``trainer`` field."""
@@ -221,6 +232,7 @@ def make_trainer(config: PipelineConfig, overrides: dict[str, Any], **settings: 
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
         "enable_progress_bar": config.progress_bar,
+        "precision": config.precision,
     }
     options.update(settings)
     options.update(overrides)
