@@ -127,6 +127,7 @@ def run_reward(cfg: dict[str, Any]) -> dict[str, Any]:
         val_path=cfg["val_file"],
         max_length=cfg["max_length"],
         batch_size=cfg["batch_size"],
+        group_by_length=cfg["group_by_length"],
         seed=cfg["seed"],
     )
     clock = StepClock()
@@ -163,6 +164,7 @@ def run_sft(cfg: dict[str, Any]) -> dict[str, Any]:
         max_length=cfg["max_length"],
         batch_size=cfg["batch_size"],
         chat_template=False,  # the driver already rendered the conversations
+        group_by_length=cfg["group_by_length"],
         seed=cfg["seed"],
     )
     tokens: list[int] = []

@@ -55,6 +55,7 @@ def common_args(cfg: dict[str, Any]) -> dict[str, Any]:
         # TRL defaults to bf16 and gradient checkpointing even on a CPU: state both, as the driver set them for us too.
         "bf16": cfg["precision"] == "bf16",
         "gradient_checkpointing": cfg["gradient_checkpointing"],
+        "group_by_length": cfg.get("group_by_length", False),
     }
 
 

@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--variants", default="baseline")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="JSON file for the results (default: bench/results/profile[-tiny].json)")
     args = parser.parse_args()
     set_threads(args.threads)
     results = []
@@ -177,7 +178,7 @@ def main() -> None:
         result = profile(variant, args.tiny, args.iterations)
         results.append(result)
         print(json.dumps(result, indent=2), flush=True)
-    out = BENCH_DIR / "results" / ("profile-tiny.json" if args.tiny else "profile.json")
+    out = Path(args.out) if args.out else BENCH_DIR / "results" / ("profile-tiny.json" if args.tiny else "profile.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 

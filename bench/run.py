@@ -208,13 +208,20 @@ def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
             ("accuracy", "held-out accuracy", "equal"),
             ("peak_rss_mb", "peak RSS (MiB)", None),
         ]
+        grouped = {**settings, "group_by_length": True}
         return [
             {
-                "row": "Reward model: ours vs TRL 1.16 RewardTrainer",
+                "row": "Reward model: ours vs TRL 1.16 RewardTrainer (both: random batches)",
                 "ours": (ours, "ours.py", "reward", settings, "ours_reward"),
                 "peer": (TRL_PYTHON, "peer_trl.py", "reward", settings, "trl_reward"),
                 "metrics": metrics,
-            }
+            },
+            {
+                "row": "Reward model: ours with group_by_length vs TRL 1.16 RewardTrainer (its default batches)",
+                "ours": (ours, "ours.py", "reward", grouped, "ours_reward_grouped"),
+                "peer": (TRL_PYTHON, "peer_trl.py", "reward", settings, "trl_reward"),
+                "metrics": metrics,
+            },
         ]
     if task == "sft":
         metrics = [
@@ -223,13 +230,20 @@ def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
             ("train_loss_mean", "mean training loss", None),
             ("peak_rss_mb", "peak RSS (MiB)", None),
         ]
+        grouped = {**settings, "group_by_length": True}
         return [
             {
-                "row": "SFT: ours vs TRL 1.16 SFTTrainer",
+                "row": "SFT: ours vs TRL 1.16 SFTTrainer (both: random batches)",
                 "ours": (ours, "ours.py", "sft", settings, "ours_sft"),
                 "peer": (TRL_PYTHON, "peer_trl.py", "sft", settings, "trl_sft"),
                 "metrics": metrics,
-            }
+            },
+            {
+                "row": "SFT: ours with group_by_length vs TRL 1.16 SFTTrainer (its default batches)",
+                "ours": (ours, "ours.py", "sft", grouped, "ours_sft_grouped"),
+                "peer": (TRL_PYTHON, "peer_trl.py", "sft", settings, "trl_sft"),
+                "metrics": metrics,
+            },
         ]
     return [
         {
@@ -252,7 +266,7 @@ def run_task(task: str, tiny: bool, sides: str, threads: int, precision: str, pe
     work = Path(tempfile.mkdtemp(prefix=f"lit-rlhf-bench-{task}-"))
     settings = builders[task](tiny, work)
     for value in settings.values() if task == "rl" else [settings]:
-        value.update(threads=threads, precision=precision, gradient_checkpointing=False)
+        value.update(threads=threads, precision=precision, gradient_checkpointing=False, group_by_length=False)
     cache: dict[str, dict[str, Any]] = {}
     rows = []
     for comparison in comparisons(task, settings):
