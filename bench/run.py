@@ -302,6 +302,21 @@ def run_task(task: str, tiny: bool, sides: str, threads: int, precision: str, pe
     return {"task": task, "tiny": tiny, "settings": settings, "rows": rows}
 
 
+def markdown_table(result: dict[str, Any], command: str) -> str:
+    """One task's rows as the Markdown table of bench/README.md: comparison, metric, ours, peer, ratio, target."""
+    lines = ["| comparison | metric | ours | peer | ours / peer | target |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    for row in result["rows"]:
+        for i, line in enumerate(row["table"]):
+            name = row["row"] if i == 0 else ""
+            cells = [fmt(line["ours"]), fmt(line.get("peer")), fmt(line.get("ratio")), line["target"] or ""]
+            lines.append(f"| {name} | {line['metric']} | " + " | ".join(cells) + " |")
+        for side in ("ours", "peer"):
+            problem = row[side].get("skipped") or row[side].get("error")
+            if problem:
+                lines.append(f"| | {side}: {problem} | | | | |")
+    return "\n".join(lines) + f"\n\nCommand: `{command}`\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["rl", "reward", "sft", "generation", "all"], default="all")
@@ -338,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         result["machine"] = machine
         name = f"{task}-tiny.json" if args.tiny else f"{task}.json"
         (out / name).write_text(json.dumps(result, indent=2, default=str))
+        command = f"python bench/run.py --task {task} --precision {args.precision}" + (" --tiny" if args.tiny else "")
+        (out / name.replace(".json", ".md")).write_text(markdown_table(result, command))
         failed = failed or any("error" in row[side] for row in result["rows"] for side in ("ours", "peer"))
     return 1 if failed else 0
 

@@ -31,6 +31,8 @@ def test_our_side_runs_tiny(task, tmp_path, tiny_llama_path):
     for row in result["rows"]:
         assert "error" not in row["ours"], row["ours"]
         assert row["ours"]["peak_rss_mb"] > 0
+    table = (tmp_path / f"{task}-tiny.md").read_text()
+    assert all(f"| {row['row']} |" in table for row in result["rows"]) and f"--task {task}" in table
 
 
 @pytest.mark.skipif(not run.TRL_PYTHON.exists(), reason="bench/.venv-trl not built (peer side of the benchmarks)")

@@ -236,3 +236,20 @@ def test_fresh_builds_lazy_defaults_anew():
     assert fresh(config.rl.kl).coef == 0.1
     judge = VaderJudge()
     assert fresh(judge) is judge
+
+
+def test_precision_reaches_the_trainers_and_collect_sampling():
+    from lit_rlhf.pipeline.common import make_trainer, sampler, sampling_precision
+    from lit_rlhf.rl import GenerationOptions
+
+    config = PipelineConfig(policy="tiny-llama", precision="bf16-mixed")
+    assert make_trainer(config, {}).precision == "bf16-mixed"
+    assert make_trainer(config, {"precision": "32-true"}).precision == "32-true"  # a stage's trainer override wins
+    module = sampler(config, GenerationOptions(max_new_tokens=4))
+    with sampling_precision(config, module):
+        assert torch.is_autocast_enabled("cpu")
+        ids = module.tokenizer(["ab"], return_tensors="pt")["input_ids"]
+        assert module.policy(input_ids=ids).logits.dtype == torch.float32  # the head stays float32
+    full = PipelineConfig(policy="tiny-llama")
+    with sampling_precision(full, sampler(full, GenerationOptions(max_new_tokens=4))):
+        assert not torch.is_autocast_enabled("cpu")

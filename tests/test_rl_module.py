@@ -248,3 +248,13 @@ def test_bf16_mixed_precision_trains_with_float32_logits(lora):
     assert abs(first["objective/kl"]) < 1e-5
     for out in outputs.outputs:
         assert all(math.isfinite(v) for v in out["metrics"].values()), out["metrics"]
+
+
+def test_linear_schedule_decays_the_learning_rate_once_per_iteration():
+    module = tiny_module(learning_rate=1e-3, scheduler="linear", schedule_iterations=4)
+    outputs = Outputs()
+    trainer(3, callbacks=[outputs]).fit(module, prompt_loader())
+    rates = [out["metrics"]["policy/lr"] for out in outputs.outputs]
+    assert rates == pytest.approx([1e-3, 7.5e-4, 5e-4])  # iteration i trains at lr · (1 − i / 4)
+    with pytest.raises(ValueError, match="schedule_iterations"):
+        tiny_module(scheduler="linear", schedule_iterations=0)

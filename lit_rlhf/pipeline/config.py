@@ -93,6 +93,8 @@ class RLConfig:
     """Learning rate of the policy's trainable weights."""
     value_learning_rate: float | None = None
     """Learning rate of the critic; None uses ``learning_rate``."""
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over the ``iterations``: ``linear`` / ``cosine`` decay to 0 at the last one."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm before each step; None disables."""
     normalize_reward: bool = True

@@ -117,6 +117,8 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         value_model=rc.value_model,
         learning_rate=rc.learning_rate,
         value_learning_rate=rc.value_learning_rate,
+        scheduler=rc.scheduler,
+        schedule_iterations=rc.iterations,
         max_grad_norm=rc.max_grad_norm,
         missing_eos_penalty=rc.missing_eos_penalty,
         reward_clip=rc.reward_clip,

@@ -32,7 +32,7 @@ from lit_rlhf.models import (
     load_tokenizer,
     resolve,
 )
-from lit_rlhf.optim import require_trainable
+from lit_rlhf.optim import SchedulerName, require_trainable
 from lit_rlhf.rl.advantages import explained_variance, masked_mean
 from lit_rlhf.rl.kl import FixedKL, KLController, KLEstimator, kl_estimate
 from lit_rlhf.rl.losses import approx_kl
@@ -116,6 +116,11 @@ class RLHFModule(L.LightningModule):
         value_model_path: Checkpoint for the separate value trunk; None uses ``policy``.
         learning_rate: Learning rate of the policy's trainable weights.
         value_learning_rate: Learning rate of the critic; None uses ``learning_rate``.
+        scheduler: Learning-rate schedule over iterations (both groups): ``constant``, or ``linear`` / ``cosine``
+            decay to 0 at ``schedule_iterations``. Decay settles the policy at the end of a run instead of leaving it
+            to drift with the last noisy updates.
+        schedule_iterations: Iterations the schedule spans; None: the Trainer's estimate of training batches
+            (``max_epochs`` × batches per epoch, or ``max_steps``).
         optimizer: Optimizer factory over parameter groups, e.g. ``torch.optim.AdamW`` or a bitsandbytes 8-bit
             optimizer; the groups' learning rates come from ``learning_rate`` / ``value_learning_rate``.
             None: AdamW without weight decay.
@@ -157,6 +162,8 @@ class RLHFModule(L.LightningModule):
         value_model_path: str | None = None,
         learning_rate: float = 1e-5,
         value_learning_rate: float | None = None,
+        scheduler: SchedulerName = "constant",
+        schedule_iterations: int | None = None,
         optimizer: OptimizerCallable | None = None,
         max_grad_norm: float | None = 1.0,
         gradient_accumulation_steps: int = 1,
@@ -192,6 +199,9 @@ class RLHFModule(L.LightningModule):
                 "so the ratio and KL are slightly off-policy; leave them at 0 / 1.0 unless you mean it."
             )
         self.learning_rate, self.value_learning_rate = learning_rate, value_learning_rate
+        if schedule_iterations is not None and schedule_iterations < 1:
+            raise ValueError(f"schedule_iterations must be >= 1 (or null), got {schedule_iterations}.")
+        self.scheduler, self.schedule_iterations = scheduler, schedule_iterations
         self._optimizer_factory = optimizer
         self.max_grad_norm, self.gradient_accumulation_steps = max_grad_norm, gradient_accumulation_steps
         self.missing_eos_penalty = missing_eos_penalty
@@ -477,6 +487,7 @@ class RLHFModule(L.LightningModule):
             "time/update": torch.tensor(update_time),
             **{f"time/{part}": torch.tensor(value) for part, value in rollout.seconds.items()},
             "iteration": torch.tensor(float(self.iteration)),
+            "policy/lr": torch.tensor(float(self.optimizers().param_groups[0]["lr"])),
             **update_metrics,
         }
         if experience.values is not None and experience.returns is not None:
@@ -495,6 +506,8 @@ class RLHFModule(L.LightningModule):
                 on_epoch=False,
                 batch_size=experience.batch_size,
             )
+        if self.scheduler != "constant":
+            self.lr_schedulers().step()
         self.iteration += 1
         return {
             "prompts": rollout.prompts,
@@ -588,7 +601,7 @@ class RLHFModule(L.LightningModule):
         }
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=mask.shape[0])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         policy_params = require_trainable(self, [p for p in self.policy.parameters() if p.requires_grad])
         groups = [{"params": policy_params, "lr": self.learning_rate}]
         critic = self.value_head if self.value_head is not None else self.value_model
@@ -596,7 +609,15 @@ class RLHFModule(L.LightningModule):
             lr = self.value_learning_rate if self.value_learning_rate is not None else self.learning_rate
             groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": lr})
         factory = self._optimizer_factory or partial(torch.optim.AdamW, weight_decay=0.0)
-        return factory(groups)
+        optimizer = factory(groups)
+        if self.scheduler == "constant":
+            return optimizer
+        from transformers import get_scheduler
+
+        total = self.schedule_iterations or max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = get_scheduler(self.scheduler, optimizer, num_warmup_steps=0, num_training_steps=total)
+        # Stepped once per iteration in training_step (manual optimisation: Lightning does not step it).
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- checkpoints -----------------------------------------------------------------------------------------------
 
