@@ -253,3 +253,16 @@ def test_precision_reaches_the_trainers_and_collect_sampling():
     full = PipelineConfig(policy="tiny-llama")
     with sampling_precision(full, sampler(full, GenerationOptions(max_new_tokens=4))):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_quick_recipe_end_to_end_with_the_real_models(tmp_path):
+    # The smoke test of recipes/pipeline/quick.yaml: SmolLM2-135M-Instruct and MiniLM through all five stages, offline.
+    quick = TINY.parent / "quick.yaml"
+    main(["--config", str(quick), "--progress_bar", "false", "--output_dir", str(tmp_path)])
+    results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    assert [row["checkpoint"] for row in results["checkpoints"]][0] == "initial" and len(results["checkpoints"]) >= 2
+    assert results["wins"] + results["ties"] + results["losses"] == results["prompts"] * results["samples_per_prompt"]
+    assert all(math.isfinite(row["kl"]) and math.isfinite(row["gold_reward"]) for row in results["checkpoints"])
+    summary = json.loads((tmp_path / "stages" / "reward.json").read_text())["summary"]
+    assert summary["train_pairs"] > 0 and 0.0 <= summary["val_accuracy"] <= 1.0
+    assert "## Summary" in (tmp_path / "report.md").read_text()
