@@ -55,7 +55,6 @@ def common_args(cfg: dict[str, Any]) -> dict[str, Any]:
         # TRL defaults to bf16 and gradient checkpointing even on a CPU: state both, as the driver set them for us too.
         "bf16": cfg["precision"] == "bf16",
         "gradient_checkpointing": cfg["gradient_checkpointing"],
-        "group_by_length": cfg.get("group_by_length", False),
     }
 
 
@@ -123,6 +122,10 @@ def run_reward(cfg: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        # RewardTrainer appends the EOS text to every response and fails on a BERT tokenizer, which has none; its
+        # [SEP] ends every encoded sequence anyway (TRL's texts then end in two [SEP]s: one token more than ours).
+        tokenizer.eos_token = tokenizer.sep_token
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg["model"], num_labels=1, pad_token_id=tokenizer.pad_token_id
     )

@@ -72,7 +72,7 @@ def reward_settings(tiny: bool, work: Path) -> dict[str, Any]:
     from lit_rlhf.models import load_tokenizer, resolve
 
     model = resolve("tiny-llama" if tiny else "all-minilm-l6-v2")
-    max_length, batch_size, train_pairs, val_pairs = (320, 4, 8, 8) if tiny else (256, 8, 96, 64)
+    max_length, batch_size, train_pairs, val_pairs = (320, 4, 8, 8) if tiny else (256, 8, 384, 128)
     if tiny:
         source = str(Path(__import__("lit_rlhf").__file__).parent / "data" / "examples" / "preferences_tiny.jsonl")
     else:
@@ -95,8 +95,8 @@ def reward_settings(tiny: bool, work: Path) -> dict[str, Any]:
         "val_file": write_jsonl(rows(val, val_pairs), work / "pairs_val.jsonl"),
         "max_length": max_length,
         "batch_size": batch_size,
-        "epochs": 1,
-        "lr": 3e-5,
+        "epochs": 1 if tiny else 2,
+        "lr": 5e-5,
         "seed": 0,
     }
 
