@@ -162,7 +162,7 @@ class PipelineConfig:
     precision: Literal["32-true", "bf16-mixed"] = "32-true"
     """Compute precision of the training stages (the Trainer's ``precision``) and of collect's sampling. ``bf16-mixed``
     keeps float32 weights and LM head and runs the rest under bfloat16 autocast: faster on GPUs and on CPUs with bf16
-    matmul instructions (AVX-512 BF16, AMX; about 2x per RL iteration on this project's CPU), slower where bf16 is
+    matmul instructions (AVX-512 BF16, AMX; 1.65x per RL iteration on this project's CPU), slower where bf16 is
     emulated. Evaluation always runs in float32, so KL and perplexity are measured at full precision."""
     seed: int = 0
     """Seed of sampling, data splits, label noise and training."""
