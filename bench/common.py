@@ -49,6 +49,21 @@ def steady_mean(durations: list[float]) -> float:
     return statistics.fmean(kept) if kept else float("nan")
 
 
+def rl_timing(durations: list[float], tokens: list[float], scores: list[float]) -> dict[str, Any]:
+    """What every RL side reports from its iterations' wall times, generated tokens and mean rewards (the first
+    iteration dropped from the means of time and tokens as warm-up)."""
+    seconds = steady_mean(durations)
+    return {
+        "seconds_per_iteration": seconds,
+        "generated_tokens_per_iteration": steady_mean(tokens),
+        "seconds_per_1k_tokens": seconds / (steady_mean(tokens) / 1000),
+        "iteration_seconds": durations,
+        "reward_first": scores[0],
+        "reward_last": scores[-1],
+        "reward_mean": sum(scores) / len(scores),
+    }
+
+
 def read_config() -> dict[str, Any]:
     """The settings the driver wrote: ``argv[1]`` is a JSON file (``argv[2]`` the result path)."""
     return json.loads(Path(sys.argv[1]).read_text())

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, `rloo` whe
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from common import count_params, read_config, rl_iteration_flops, set_threads, steady_mean, write_result  # noqa: E402
+from common import count_params, read_config, rl_iteration_flops, rl_timing, set_threads, steady_mean, write_result  # noqa: E402
 
 
 class StepClock(L.Callback):
@@ -88,24 +88,14 @@ def run_rl(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer.fit(module, data)
     scores = [float(out["scores"].mean()) for out in clock.outputs]
     tokens = [out["metrics"]["response/length"] * len(out["completions"]) for out in clock.outputs]
-    seconds = steady_mean(clock.durations)
+    timing = rl_timing(clock.durations, tokens, scores)
     trunk, head = count_params(module.policy)
     rows = len(clock.outputs[-1]["completions"])
     prompt = clock.batches[-1]["input_ids"].shape[1]
     flops = rl_iteration_flops(
         trunk, head, rows, prompt, cfg["max_new_tokens"], algorithm.epochs, module.value_mode, reference=True
     )
-    return {
-        "seconds_per_iteration": seconds,
-        "generated_tokens_per_iteration": steady_mean(tokens),
-        "seconds_per_1k_tokens": seconds / (steady_mean(tokens) / 1000),
-        "iteration_seconds": clock.durations,
-        "reward_first": scores[0],
-        "reward_last": scores[-1],
-        "reward_mean": sum(scores) / len(scores),
-        "flops_per_iteration": flops,
-        "achieved_flops": flops / seconds,
-    }
+    return {**timing, "flops_per_iteration": flops, "achieved_flops": flops / timing["seconds_per_iteration"]}
 
 
 def run_reward(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import read_config, set_threads, steady_mean, write_result  # noqa: E402
+from common import read_config, rl_timing, set_threads, steady_mean, write_result  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 
@@ -101,16 +101,7 @@ def run_online(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
     trainer = Trainer(model=cfg["model"], reward_funcs=[vader], args=Config(**settings), train_dataset=dataset)
     trainer.add_callback(clock)
     trainer.train()
-    seconds = steady_mean(clock.durations)
-    return {
-        "seconds_per_iteration": seconds,
-        "generated_tokens_per_iteration": steady_mean(tokens),
-        "seconds_per_1k_tokens": seconds / (steady_mean(tokens) / 1000),
-        "iteration_seconds": clock.durations,
-        "reward_first": scores[0],
-        "reward_last": scores[-1],
-        "reward_mean": sum(scores) / len(scores),
-    }
+    return rl_timing(clock.durations, tokens, scores)
 
 
 def run_reward(cfg: dict[str, Any]) -> dict[str, Any]:

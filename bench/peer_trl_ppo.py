@@ -18,7 +18,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import read_config, set_threads, steady_mean, write_result  # noqa: E402
+from common import read_config, rl_timing, set_threads, write_result  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -145,16 +145,7 @@ def run_ppo(cfg: dict[str, Any]) -> dict[str, Any]:
         callbacks=[clock],
     )
     trainer.train()
-    seconds = steady_mean(clock.durations)
-    return {
-        "seconds_per_iteration": seconds,
-        "generated_tokens_per_iteration": steady_mean(tokens),
-        "seconds_per_1k_tokens": seconds / (steady_mean(tokens) / 1000),
-        "iteration_seconds": clock.durations,
-        "reward_first": scores[0],
-        "reward_last": scores[-1],
-        "reward_mean": sum(scores) / len(scores),
-    }
+    return rl_timing(clock.durations, tokens, scores)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,29 @@ RL_METRICS = [
 ]
 
 
+def random_and_grouped(
+    name: str, peer: str, task: str, settings: dict[str, Any], metrics: list[tuple[str, str, str | None]]
+) -> list[dict[str, Any]]:
+    """Two rows against one peer run: both sides on random batches, then ours with ``group_by_length``."""
+    ours = Path(sys.executable)
+    grouped = {**settings, "group_by_length": True}
+    trl = (TRL_PYTHON, "peer_trl.py", task, settings, f"trl_{task}")
+    return [
+        {
+            "row": f"{name}: ours vs {peer} (both: random batches)",
+            "ours": (ours, "ours.py", task, settings, f"ours_{task}"),
+            "peer": trl,
+            "metrics": metrics,
+        },
+        {
+            "row": f"{name}: ours with group_by_length vs {peer} (its default batches)",
+            "ours": (ours, "ours.py", task, grouped, f"ours_{task}_grouped"),
+            "peer": trl,
+            "metrics": metrics,
+        },
+    ]
+
+
 def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
     ours = Path(sys.executable)
     if task == "rl":
@@ -208,21 +231,7 @@ def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
             ("accuracy", "held-out accuracy", "equal"),
             ("peak_rss_mb", "peak RSS (MiB)", None),
         ]
-        grouped = {**settings, "group_by_length": True}
-        return [
-            {
-                "row": "Reward model: ours vs TRL 1.16 RewardTrainer (both: random batches)",
-                "ours": (ours, "ours.py", "reward", settings, "ours_reward"),
-                "peer": (TRL_PYTHON, "peer_trl.py", "reward", settings, "trl_reward"),
-                "metrics": metrics,
-            },
-            {
-                "row": "Reward model: ours with group_by_length vs TRL 1.16 RewardTrainer (its default batches)",
-                "ours": (ours, "ours.py", "reward", grouped, "ours_reward_grouped"),
-                "peer": (TRL_PYTHON, "peer_trl.py", "reward", settings, "trl_reward"),
-                "metrics": metrics,
-            },
-        ]
+        return random_and_grouped("Reward model", "TRL 1.16 RewardTrainer", "reward", settings, metrics)
     if task == "sft":
         metrics = [
             ("tokens_per_second", "tokens / s (training)", ">= 1.2"),
@@ -230,21 +239,7 @@ def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
             ("train_loss_mean", "mean training loss", None),
             ("peak_rss_mb", "peak RSS (MiB)", None),
         ]
-        grouped = {**settings, "group_by_length": True}
-        return [
-            {
-                "row": "SFT: ours vs TRL 1.16 SFTTrainer (both: random batches)",
-                "ours": (ours, "ours.py", "sft", settings, "ours_sft"),
-                "peer": (TRL_PYTHON, "peer_trl.py", "sft", settings, "trl_sft"),
-                "metrics": metrics,
-            },
-            {
-                "row": "SFT: ours with group_by_length vs TRL 1.16 SFTTrainer (its default batches)",
-                "ours": (ours, "ours.py", "sft", grouped, "ours_sft_grouped"),
-                "peer": (TRL_PYTHON, "peer_trl.py", "sft", settings, "trl_sft"),
-                "metrics": metrics,
-            },
-        ]
+        return random_and_grouped("SFT", "TRL 1.16 SFTTrainer", "sft", settings, metrics)
     return [
         {
             "row": "Generation: RLHFModule.generate vs plain model.generate",
