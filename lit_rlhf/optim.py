@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from lit_rlhf.models import export_pretrained, is_quantised
-from lit_rlhf.scale import check_strategy, clip_grad_norm
+from lit_rlhf.scale import check_strategy, clip_grad_norm, uses_grad_scaler
 
 SchedulerName = Literal["constant", "linear", "cosine"]
 
@@ -31,6 +31,26 @@ def require_trainable(module: torch.nn.Module, params: list[torch.nn.Parameter])
     return params
 
 
+# Devices whose AdamW has a fused kernel (torch >= 2.4 for the CPU); parameters elsewhere get the per-tensor loop.
+FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps"})
+
+
+def adamw(params, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """torch's AdamW, fused into one kernel over all tensors where every parameter allows it.
+
+    ``params`` is a list of parameters or of parameter groups; ``fused=False`` asks for torch's default (needed under
+    a loss scaler, see ``scale.uses_grad_scaler``). Without ``fused`` torch picks its per-tensor loop on a
+    CPU, which costs 0.68 s per step for a 135M model on this project's 2-core bench machine against 0.06 s fused
+    (``bench/README.md``); the update is the same (AdamW, Loshchilov & Hutter 2019). Non-float parameters or other
+    devices fall back to torch's own default.
+    """
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    supported = all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in tensors)
+    fused = fused and bool(tensors) and supported
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def build_optimizers(
     module: L.LightningModule,
     factory: OptimizerCallable | None,
@@ -44,7 +64,7 @@ def build_optimizers(
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
     params = require_trainable(module, trainable_parameters(module))
     if factory is None:
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        optimizer = adamw(params, learning_rate, weight_decay, fused=not uses_grad_scaler(module))
     else:
         optimizer = factory(params)
     if scheduler == "constant" and warmup_ratio == 0:

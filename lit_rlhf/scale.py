@@ -33,15 +33,26 @@ def is_sharded(module: L.LightningModule) -> bool:
     return fsdp_root(module) is not None and module.trainer.world_size > 1
 
 
+def uses_grad_scaler(module: L.LightningModule) -> bool:
+    """Whether the Trainer scales the loss (``16-mixed``): then a fused optimizer would unscale inside its kernel,
+    after any clipping, so the stages build an unfused one."""
+    trainer = module._trainer
+    return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
 def clip_grad_norm(module: L.LightningModule, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    """Clip the global gradient norm to ``max_norm``, under FSDP too.
+    """Clip the global gradient norm to ``max_norm``, under FSDP and with fused optimizers too.
 
     Lightning refuses norm clipping under FSDP because ``torch.nn.utils.clip_grad_norm_`` would only see this
-    rank's shard; the root FSDP unit's ``clip_grad_norm_`` all-reduces the shards' norms first.
+    rank's shard; the root FSDP unit's ``clip_grad_norm_`` all-reduces the shards' norms first. Its mixed-precision
+    plugin also refuses any fused optimizer, for fear of a loss scaler; without one (``bf16-mixed``) the gradients
+    are already unscaled and are clipped here as Lightning's plain precision plugin would.
     """
     root = fsdp_root(module)
     if root is not None:
         root.clip_grad_norm_(max_norm)
+    elif optimizer.defaults.get("fused") and not uses_grad_scaler(module):
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
     else:
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 

@@ -258,3 +258,11 @@ def test_linear_schedule_decays_the_learning_rate_once_per_iteration():
     assert rates == pytest.approx([1e-3, 7.5e-4, 5e-4])  # iteration i trains at lr · (1 − i / 4)
     with pytest.raises(ValueError, match="schedule_iterations"):
         tiny_module(scheduler="linear", schedule_iterations=0)
+
+
+def test_default_optimizer_is_fused_adamw_over_policy_and_critic():
+    module = tiny_module(learning_rate=1e-3, value_learning_rate=1e-2)
+    trainer(1).fit(module, prompt_loader())
+    opt = module.optimizers().optimizer
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]

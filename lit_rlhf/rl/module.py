@@ -10,7 +10,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -32,7 +31,7 @@ from lit_rlhf.models import (
     load_tokenizer,
     resolve,
 )
-from lit_rlhf.optim import SchedulerName, require_trainable
+from lit_rlhf.optim import SchedulerName, adamw, require_trainable
 from lit_rlhf.rl.advantages import explained_variance, masked_mean
 from lit_rlhf.rl.kl import FixedKL, KLController, KLEstimator, kl_estimate
 from lit_rlhf.rl.losses import approx_kl
@@ -52,7 +51,7 @@ from lit_rlhf.rl.rollout import (
     stop_string_positions,
 )
 from lit_rlhf.rl.vllm import VLLMOptions, VLLMRollout, require_vllm
-from lit_rlhf.scale import check_strategy, clip_grad_norm, is_sharded, skip_gradient_sync
+from lit_rlhf.scale import check_strategy, clip_grad_norm, is_sharded, skip_gradient_sync, uses_grad_scaler
 
 RewardFn = Callable[[list[str], list[str]], Any]
 """A reward: ``(prompts, completions) -> Tensor | list[float]`` of shape (N,), one score per completion."""
@@ -123,7 +122,7 @@ class RLHFModule(L.LightningModule):
             (``max_epochs`` × batches per epoch, or ``max_steps``).
         optimizer: Optimizer factory over parameter groups, e.g. ``torch.optim.AdamW`` or a bitsandbytes 8-bit
             optimizer; the groups' learning rates come from ``learning_rate`` / ``value_learning_rate``.
-            None: AdamW without weight decay.
+            None: AdamW without weight decay, fused into one kernel where the device has one (``optim.adamw``).
         max_grad_norm: Clip the global gradient norm before each optimizer step; None disables.
         gradient_accumulation_steps: Split each minibatch into this many micro-batches (backward each, step once) to
             save memory; the loss is the same up to the per-micro-batch token averaging.
@@ -608,8 +607,10 @@ class RLHFModule(L.LightningModule):
         if critic is not None:
             lr = self.value_learning_rate if self.value_learning_rate is not None else self.learning_rate
             groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": lr})
-        factory = self._optimizer_factory or partial(torch.optim.AdamW, weight_decay=0.0)
-        optimizer = factory(groups)
+        if self._optimizer_factory is not None:
+            optimizer = self._optimizer_factory(groups)
+        else:
+            optimizer = adamw(groups, self.learning_rate, weight_decay=0.0, fused=not uses_grad_scaler(self))
         if self.scheduler == "constant":
             return optimizer
         from transformers import get_scheduler
