@@ -4,7 +4,9 @@ the module, not by editing it): ``python bench/profile_rl.py [--tiny] [--variant
 A variant is ``baseline`` or options joined by ``+``: ``unfused`` (log-probs and entropy from two log-softmaxes, as
 before the fused ``logprobs_and_entropy``), ``shared`` (critic head on the policy trunk: one forward gives log-probs
 and values, instead of a separate critic), ``bf16`` (the Trainer's ``precision="bf16-mixed"``: bfloat16 autocast,
-LM head in float32). ``baseline`` is PPO with a separate critic in float32, fused log-softmax.
+LM head in float32), ``loopadam`` (torch's default AdamW, a loop over tensors, as before ``optim.adamw`` fused it),
+``generate`` (``rollout_backend: hf``, transformers' ``generate``, as before the native decoding loop).
+``baseline`` is PPO with a separate critic in float32, fused log-softmax, fused AdamW, native sampling.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,8 @@ def build(options: set[str], tiny: bool):
         value_model="shared" if "shared" in options else "separate",
         learning_rate=1e-5,
         rollout_seed=0,
+        rollout_backend="hf" if "generate" in options else "native",
+        optimizer=partial(torch.optim.AdamW, weight_decay=0.0) if "loopadam" in options else None,
     )
     if "unfused" in options:
         import lit_rlhf.rl.module as module_file
@@ -78,7 +83,7 @@ def profile(variant: str, tiny: bool, iterations: int) -> dict[str, Any]:
 
     SECTIONS.clear()
     options = set() if variant == "baseline" else set(variant.split("+"))
-    unknown = options - {"unfused", "shared", "bf16"}
+    unknown = options - {"unfused", "shared", "bf16", "loopadam", "generate"}
     if unknown:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {variant!r}")
     fused = module_file.logprobs_and_entropy

@@ -14,6 +14,7 @@ from test_rl_support import (
 )
 
 from lit_rlhf.models import LoraOptions
+from lit_rlhf.rewards import LengthReward
 from lit_rlhf.rl import A2C, NLPO, PPO, AdaptiveKL, GenerationOptions
 from lit_rlhf.rl.optimizers.nlpo import MASK_ADAPTER, top_p_mask
 from lit_rlhf.rl.rollout import causal_lm_forward, full_precision_head
@@ -191,6 +192,8 @@ def test_value_model_choices():
             separate.value_model(batch["input_ids"], batch["attention_mask"]), torch.zeros(batch["input_ids"].shape)
         )
     assert torch.equal(values, torch.zeros_like(values))
+    # A reward that is never 0 for these short responses, so the first iteration's returns cannot all be 0.
+    shared = tiny_module(value_model="shared", reward=LengthReward(target=8, unit="chars"))
     head_before, policy_before = snapshot(shared.value_head), snapshot(shared.policy)
     trainer(1).fit(shared, prompt_loader())
     assert changed(head_before, shared.value_head) and changed(policy_before, shared.policy)
@@ -235,7 +238,11 @@ def test_full_precision_head_keeps_logits_float32_under_autocast():
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_bf16_mixed_precision_trains_with_float32_logits(lora):
-    module = tiny_module(algorithm=PPO(epochs=2), lora=LoraOptions(r=4) if lora else None)
+    module = tiny_module(
+        algorithm=PPO(epochs=2),
+        lora=LoraOptions(r=4) if lora else None,
+        reward=LengthReward(target=8, unit="chars"),  # never 0 here: the returns vary, every metric is a number
+    )
     before = snapshot(module.policy)
     outputs = Outputs()
     trainer(2, callbacks=[outputs], precision="bf16-mixed").fit(module, prompt_loader())

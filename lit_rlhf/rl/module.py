@@ -50,6 +50,7 @@ from lit_rlhf.rl.rollout import (
     stop_mask,
     stop_string_positions,
 )
+from lit_rlhf.rl.sampling import sample
 from lit_rlhf.rl.vllm import VLLMOptions, VLLMRollout, require_vllm
 from lit_rlhf.scale import check_strategy, clip_grad_norm, is_sharded, skip_gradient_sync, uses_grad_scaler
 
@@ -139,9 +140,12 @@ class RLHFModule(L.LightningModule):
         gradient_checkpointing: Recompute each decoder layer's activations in the backward pass of the update
             (policy and separate value trunk): less memory, about a third more compute. Under FSDP prefer the
             strategy's ``activation_checkpointing_policy``.
-        rollout_backend: ``hf`` samples with HF ``generate``; ``vllm`` with a colocated vLLM engine (CUDA,
-            ``pip install lit-rlhf[vllm]``) whose weights are refreshed after every update. Algorithms with a
-            sampling logits processor (NLPO) need ``hf``.
+        rollout_backend: ``native`` samples with our decoding loop (``lit_rlhf.rl.sampling.sample``: the model's
+            KV cache, transformers' logits processors, inverse-CDF draws; faster than ``generate`` on a CPU, same
+            distribution, same greedy output); ``hf`` with HF ``generate``; ``vllm`` with a colocated vLLM engine
+            (CUDA, ``pip install lit-rlhf[vllm]``) whose weights are refreshed after every update. Under FSDP with
+            more than one process ``native`` hands over to ``generate``, whose ``synced_gpus`` keeps the ranks'
+            decoding steps in step. Algorithms with a sampling logits processor (NLPO) need ``native`` or ``hf``.
         vllm: vLLM engine settings when ``rollout_backend`` is ``vllm``; None uses ``VLLMOptions()``.
         rollout_seed: Reseed torch from (rollout_seed, iteration, rank) at the start of every iteration, so that a
             resumed run repeats the uninterrupted one exactly whatever happened in between; None keeps the global
@@ -176,7 +180,7 @@ class RLHFModule(L.LightningModule):
         reference_load_in_8bit: bool = False,
         reference_load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
-        rollout_backend: Literal["hf", "vllm"] = "hf",
+        rollout_backend: Literal["native", "hf", "vllm"] = "native",
         vllm: VLLMOptions | None = None,
     ) -> None:
         super().__init__()
@@ -291,10 +295,21 @@ class RLHFModule(L.LightningModule):
             if processor is not None:
                 raise ValueError(
                     f"{type(self.algorithm).__name__} samples through a logits processor, which vLLM cannot run: "
-                    "use rollout_backend: hf."
+                    "use rollout_backend: native or hf."
                 )
             return self._vllm_engine().sample(
                 prompt_ids, prompt_mask, options, self.stop_token_ids, self.tokenizer.pad_token_id
+            )
+        if self.rollout_backend == "native" and not is_sharded(self):
+            return sample(
+                self.policy,
+                prompt_ids,
+                prompt_mask,
+                options,
+                self.stop_token_ids,
+                self.tokenizer.pad_token_id,
+                processor,
+                self.tokenizer,
             )
         config = options.to_hf(self.stop_token_ids, self.tokenizer.pad_token_id)
         return self.policy.generate(
