@@ -273,3 +273,43 @@ def test_default_optimizer_is_fused_adamw_over_policy_and_critic():
     opt = module.optimizers().optimizer
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("name", ["ppo_one_minibatch", "a2c", "nlpo_one_minibatch"])
+def test_update_reuses_the_rollout_forward_with_the_same_result(name, lora):
+    make = {
+        "ppo_one_minibatch": lambda: PPO(epochs=2, num_minibatches=1),
+        "a2c": lambda: A2C(),
+        "nlpo_one_minibatch": lambda: NLPO(epochs=2, num_minibatches=1, top_mask=0.5, mask_update_interval=10),
+    }[name]
+    runs = {}
+    for reuse in (True, False):
+        module = tiny_module(
+            algorithm=make(), lora=LoraOptions(r=4) if lora else None, reward=LengthReward(target=8, unit="chars")
+        )
+        module.reuse_rollout_forward = reuse
+        calls = []
+        forward = module.policy_outputs
+        module.policy_outputs = lambda *a, forward=forward, calls=calls, **k: calls.append(1) or forward(*a, **k)
+        outputs = Outputs()
+        trainer(1, callbacks=[outputs]).fit(module, prompt_loader())
+        metrics = {k: v for k, v in outputs.outputs[0]["metrics"].items() if not k.startswith("time/")}
+        runs[reuse] = (snapshot(module.policy), metrics, len(calls))
+    (reused, reused_metrics, reused_calls), (fresh, fresh_metrics, fresh_calls) = runs[True], runs[False]
+    assert fresh_calls - reused_calls == 1  # one policy forward fewer
+    # Same computation on the same rows; the update's rows come shuffled, which reorders float sums (~1e-7 in the
+    # gradients). Adam divides each gradient by its own scale, so a near-zero one can move its weight's step by a
+    # little more: allow 1 % of one step (lr 1e-3).
+    for key, value in fresh.items():
+        torch.testing.assert_close(reused[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    assert reused_metrics == pytest.approx(fresh_metrics, rel=1e-4, abs=1e-6)
+
+
+def test_update_recomputes_the_forward_when_minibatches_differ_from_the_rollout():
+    module = tiny_module(algorithm=PPO(epochs=1, num_minibatches=2))
+    calls = []
+    forward = module.policy_outputs
+    module.policy_outputs = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    trainer(1).fit(module, prompt_loader())
+    assert len(calls) == 3  # the rollout's, then one per minibatch

@@ -190,13 +190,14 @@ def test_bitsandbytes_precision_plugin_with_lora_says_what_to_use():
 # --- DDP on CPU, gradient checkpointing, export ------------------------------------------------------------------
 
 
-def test_rl_under_two_process_ddp(tmp_path):
+@pytest.mark.parametrize("update", ["accumulate", "one-minibatch"])
+def test_rl_under_two_process_ddp(tmp_path, update):
     # Both ranks see the same prompts (no distributed sampler): only the per-rank sampling seed tells them apart.
+    # "accumulate": 2 minibatches of 2 micro-batches each; "one-minibatch": the update reuses the rollout's forward.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     script = ROOT / "tests" / "scripts" / "ddp_rl.py"
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
-    )
+    args = [sys.executable, str(script), str(tmp_path)] + (["--one-minibatch"] if update == "one-minibatch" else [])
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert len(ranks[0]["weights"]) == 3

@@ -52,7 +52,14 @@ from lit_rlhf.rl.rollout import (
 )
 from lit_rlhf.rl.sampling import sample
 from lit_rlhf.rl.vllm import VLLMOptions, VLLMRollout, require_vllm
-from lit_rlhf.scale import check_strategy, clip_grad_norm, is_sharded, skip_gradient_sync, uses_grad_scaler
+from lit_rlhf.scale import (
+    check_strategy,
+    clip_grad_norm,
+    fsdp_root,
+    is_sharded,
+    skip_gradient_sync,
+    uses_grad_scaler,
+)
 
 RewardFn = Callable[[list[str], list[str]], Any]
 """A reward: ``(prompts, completions) -> Tensor | list[float]`` of shape (N,), one score per completion."""
@@ -81,14 +88,16 @@ class Rollout(NamedTuple):
     """(B, T) entropy of the sampling distribution at each response position."""
     seconds: dict[str, float]
     """Wall time of the rollout's parts: ``generate`` (sampling), ``score`` (the reward call), ``forward`` (the
-    no-grad policy, reference and critic forwards)."""
+    policy, reference and critic forwards)."""
+    graph: PolicyOutputs | None = None
+    """With ``keep_graph``: the policy's outputs with their autograd graph (the experience holds detached copies)."""
 
 
 class RLHFModule(L.LightningModule):
     """RL fine-tuning of a causal LM against a reward, with a KL penalty to the frozen initial model.
 
-    Each ``training_step`` is one iteration on a batch of prompts (manual optimisation): sample responses (HF
-    ``generate``, KV cache), score the completion texts with ``reward``, compute per-token KL to the reference and
+    Each ``training_step`` is one iteration on a batch of prompts (manual optimisation): sample responses (KV
+    cache, ``rollout_backend``), score the completion texts with ``reward``, compute per-token KL to the reference and
     rewards r_t = -β·kl_t (+ the score on the last token), let ``algorithm`` turn that into advantages, then run
     ``algorithm.epochs`` × ``algorithm.num_minibatches`` optimizer steps on ``algorithm.loss``. Note that
     ``trainer.global_step`` (and so ``trainer.max_steps``) counts optimizer steps, not iterations; bound iterations
@@ -151,6 +160,10 @@ class RLHFModule(L.LightningModule):
             resumed run repeats the uninterrupted one exactly whatever happened in between; None keeps the global
             RNG stream (whose state is still checkpointed). Named apart from the data module's shuffle ``seed``.
     """
+
+    reuse_rollout_forward: bool = True
+    """Let the first update pass use the rollout's policy forward when they coincide (one minibatch, no gradient
+    accumulation, no FSDP): one forward fewer per iteration, the same numbers. False recomputes it."""
 
     def __init__(
         self,
@@ -410,11 +423,12 @@ class RLHFModule(L.LightningModule):
         return logprobs_from_logits(self._temperature_scaled(logits), sequences[:, prompt_length:])
 
     @torch.no_grad()
-    def rollout(self, batch: dict[str, Any], hooks: bool = True) -> Rollout:
+    def rollout(self, batch: dict[str, Any], hooks: bool = True, keep_graph: bool = False) -> Rollout:
         """Sample, score and evaluate one batch of prompts (``PromptDataModule`` batches).
 
         ``hooks=False`` samples from the plain policy, without the algorithm's logits processor / transform or the
-        critic (evaluation).
+        critic (evaluation). ``keep_graph=True`` runs the policy's forward with autograd on and returns it as
+        ``Rollout.graph``, for an update whose first pass sees the same weights (see ``training_step``).
         """
         prompts, prompt_ids, prompt_mask = list(batch["prompt"]), batch["input_ids"], batch["attention_mask"]
         k = self.generation.num_samples
@@ -435,7 +449,9 @@ class RLHFModule(L.LightningModule):
         clock = time.perf_counter()
         scores = self._shape_scores(raw, stopped) if hooks else raw
         attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
-        outputs = self.policy_outputs(sequences, attention_mask, length, hooks=hooks)
+        with torch.enable_grad() if keep_graph else nullcontext():
+            graph = self.policy_outputs(sequences, attention_mask, length, hooks=hooks)
+        outputs = PolicyOutputs(*(t.detach() if t is not None else None for t in graph))
         ref_logprobs = self.reference_logprobs(sequences, attention_mask, length)
         kl = kl_estimate(outputs.logprobs, ref_logprobs, self.kl_estimator) * response_mask
         experience = Experience(
@@ -452,7 +468,9 @@ class RLHFModule(L.LightningModule):
             group=group,
         )
         seconds["forward"] = time.perf_counter() - clock
-        return Rollout(experience, prompts, completions, raw, stopped, outputs.entropy, seconds)
+        return Rollout(
+            experience, prompts, completions, raw, stopped, outputs.entropy, seconds, graph if keep_graph else None
+        )
 
     # --- the iteration ---------------------------------------------------------------------------------------------
 
@@ -469,7 +487,16 @@ class RLHFModule(L.LightningModule):
         self.eval()  # no dropout: rollout and update forwards must agree
         self.algorithm.on_iteration_start(self, self.iteration)
         start = time.perf_counter()
-        rollout = self.rollout(batch)
+        # With one minibatch (no accumulation) the first update pass runs at the rollout's weights on all its rows:
+        # its forward is the rollout's, so the rollout keeps the graph and the update skips one policy forward.
+        # Not under FSDP, whose units reshard between forward and backward on a schedule of their own.
+        reuse = (
+            self.reuse_rollout_forward
+            and self.algorithm.num_minibatches == 1
+            and self.gradient_accumulation_steps == 1
+            and fsdp_root(self) is None
+        )
+        rollout = self.rollout(batch, keep_graph=reuse)
         rollout_time = time.perf_counter() - start
         with torch.no_grad():
             advantages, returns = self.algorithm.advantages(rollout.experience)
@@ -477,7 +504,7 @@ class RLHFModule(L.LightningModule):
         start = time.perf_counter()
         if self._vllm is not None:
             self._vllm.sleep()
-        update_metrics = self._update(experience)
+        update_metrics = self._update(experience, rollout.graph)
         if self._vllm is not None:
             self._vllm.wake_up()
             self._vllm.push(self.policy)
@@ -546,8 +573,12 @@ class RLHFModule(L.LightningModule):
             return value
         return float(self.trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="mean"))
 
-    def _update(self, experience: Experience) -> dict[str, Tensor]:
-        """``epochs`` × ``num_minibatches`` optimizer steps on ``algorithm.loss``; returns the mean metrics."""
+    def _update(self, experience: Experience, first: PolicyOutputs | None = None) -> dict[str, Tensor]:
+        """``epochs`` × ``num_minibatches`` optimizer steps on ``algorithm.loss``; returns the mean metrics.
+
+        ``first``: the policy's outputs on all of ``experience``'s rows at the current weights, with their graph; the
+        first micro-batch uses them (its rows selected) instead of a forward of its own.
+        """
         algorithm, opt = self.algorithm, self.optimizers()
         rows = experience.batch_size
         if algorithm.num_minibatches * self.gradient_accumulation_steps > rows:
@@ -569,7 +600,10 @@ class RLHFModule(L.LightningModule):
                     # Under DDP every manual_backward all-reduces: accumulate locally until the last micro-batch.
                     last = i == len(micros) - 1
                     with nullcontext() if last or self._trainer is None else skip_gradient_sync(self):
-                        outputs = self.policy_outputs(part.sequences, part.attention_mask, part.prompt_ids.shape[1])
+                        if first is not None:
+                            outputs, first = PolicyOutputs(*(t[micro] if t is not None else None for t in first)), None
+                        else:
+                            outputs = self.policy_outputs(part.sequences, part.attention_mask, part.prompt_ids.shape[1])
                         loss, metrics = algorithm.loss(part, outputs)
                         if not torch.isfinite(loss):
                             raise FloatingPointError(

@@ -1,7 +1,10 @@
 """Run by tests/test_scale.py: 2 CPU processes (gloo DDP) train RLHFModule on tiny-llama; each rank saves what the
 test compares (trainable weights after every iteration, its completions, the logged metrics).
 
-Usage: python tests/scripts/ddp_rl.py OUT_DIR [--lora]
+Usage: python tests/scripts/ddp_rl.py OUT_DIR [--lora] [--one-minibatch]
+
+``--one-minibatch``: PPO takes one minibatch per epoch without accumulation, so the update's first pass reuses the
+rollout's forward; otherwise 2 minibatches of 2 accumulated micro-batches.
 """
 
 import sys
@@ -37,11 +40,13 @@ def main() -> None:
     from lit_rlhf.models import LoraOptions
     from lit_rlhf.rewards import LengthReward
 
+    one_minibatch = "--one-minibatch" in sys.argv
+
     module = tiny_module(
         # Never 0 for these short responses: every rank's returns vary, so every logged metric is a number.
         reward=LengthReward(target=8, unit="chars"),
-        algorithm=PPO(epochs=2, num_minibatches=2, target_kl=0.5),
-        gradient_accumulation_steps=2,
+        algorithm=PPO(epochs=2, num_minibatches=1 if one_minibatch else 2, target_kl=0.5),
+        gradient_accumulation_steps=1 if one_minibatch else 2,
         lora=LoraOptions(r=4) if "--lora" in sys.argv else None,
         learning_rate=1e-2,
     )
