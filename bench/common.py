@@ -90,14 +90,22 @@ def count_params(model: Any) -> tuple[int, int]:
 
 
 def rl_iteration_flops(
-    trunk: int, head: int, rows: int, prompt: int, response: int, epochs: int, critic: str, reference: bool = True
+    trunk: int,
+    head: int,
+    rows: int,
+    prompt: int,
+    response: int,
+    epochs: int,
+    critic: str,
+    reference: bool = True,
+    reused_forward: bool = False,
 ) -> float:
     """Approximate FLOPs of one RL iteration: 2·params per token forward, 6·params forward + backward.
 
     Counts generation (every position once through the trunk, the head on the new tokens), the rollout forwards of
-    policy, reference and critic, and ``epochs`` forward + backward passes of policy and critic. Attention's
-    quadratic term is left out (sequences are short). ``critic`` is ``separate`` (its own trunk), ``shared`` or
-    ``none``.
+    policy, reference and critic, and ``epochs`` forward + backward passes of policy and critic, less one forward of
+    policy and critic when the first pass reuses the rollout's (``reused_forward``). Attention's quadratic term is
+    left out (sequences are short). ``critic`` is ``separate`` (its own trunk), ``shared`` or ``none``.
     """
     length = prompt + response
     trunk_pass = 2.0 * trunk * rows * length  # one forward of the trunk over every position
@@ -105,5 +113,6 @@ def rl_iteration_flops(
     lm_pass = trunk_pass + head_pass
     generation = trunk_pass + 2.0 * head * rows * response
     rollout = lm_pass * (2 if reference else 1) + (trunk_pass if critic == "separate" else 0.0)
-    update = epochs * 3 * (lm_pass + (trunk_pass if critic == "separate" else 0.0))
+    policy_and_critic = lm_pass + (trunk_pass if critic == "separate" else 0.0)
+    update = (epochs * 3 - (1 if reused_forward else 0)) * policy_and_critic
     return generation + rollout + update

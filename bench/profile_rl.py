@@ -102,20 +102,32 @@ def _profile(module: Any, variant: str, options: set[str], tiny: bool, iteration
     timed(module, "_sample", "generate")
     timed(module, "score", "reward (decode + VADER)")
     timed(module, "reference_logprobs", "reference forward")
-    timed(module, "_update", "update (fwd + bwd + step)")
+    # The phase is where a forward is called from, not whether autograd is on: a rollout may keep its forward's
+    # graph for the update (``RLHFModule.reuse_rollout_forward``).
+    phase = ["rollout"]
+    update = module._update
+
+    def timed_update(*args, **kwargs):
+        phase[0] = "update"
+        try:
+            with section("update (fwd + bwd + step)"):
+                return update(*args, **kwargs)
+        finally:
+            phase[0] = "rollout"
+
+    module._update = timed_update
     if module.value_model is not None:
         critic_forward = module.value_model.forward
 
         def critic(*args, **kwargs):
-            with section("critic forward (update)" if torch.is_grad_enabled() else "critic forward (rollout)"):
+            with section(f"critic forward ({phase[0]})"):
                 return critic_forward(*args, **kwargs)
 
         module.value_model.forward = critic
     original_outputs = module.policy_outputs
 
     def policy_outputs(*args, **kwargs):
-        name = "policy forward (update)" if torch.is_grad_enabled() else "policy forward (rollout)"
-        with section(name):
+        with section(f"policy forward ({phase[0]})"):
             return original_outputs(*args, **kwargs)
 
     module.policy_outputs = policy_outputs

@@ -22,6 +22,8 @@ def test_rl_flop_count_by_hand():
     assert rl_iteration_flops(10, 2, 1, 3, 2, 1, "separate") == 1068
     # without the critic's trunk: 108 + 224 + 3·112 = 668
     assert rl_iteration_flops(10, 2, 1, 3, 2, 1, "shared") == 668
+    # the first pass reusing the rollout's forward: one forward of policy and critic fewer, 1068 - 212 = 856
+    assert rl_iteration_flops(10, 2, 1, 3, 2, 1, "separate", reused_forward=True) == 856
 
 
 @pytest.mark.parametrize("task", ["rl", "reward", "sft", "generation"])
