@@ -5,8 +5,9 @@ A variant is ``baseline`` or options joined by ``+``: ``unfused`` (log-probs and
 before the fused ``logprobs_and_entropy``), ``shared`` (critic head on the policy trunk: one forward gives log-probs
 and values, instead of a separate critic), ``bf16`` (the Trainer's ``precision="bf16-mixed"``: bfloat16 autocast,
 LM head in float32), ``loopadam`` (torch's default AdamW, a loop over tensors, as before ``optim.adamw`` fused it),
-``generate`` (``rollout_backend: hf``, transformers' ``generate``, as before the native decoding loop).
-``baseline`` is PPO with a separate critic in float32, fused log-softmax, fused AdamW, native sampling.
+``generate`` (``rollout_backend: hf``, transformers' ``generate``, as before the native decoding loop),
+``recompute`` (the update recomputes the policy forward instead of reusing the rollout's). ``baseline`` is PPO with
+a separate critic in float32, fused log-softmax, fused AdamW, native sampling, the rollout's forward reused.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def build(options: set[str], tiny: bool):
         rollout_backend="hf" if "generate" in options else "native",
         optimizer=partial(torch.optim.AdamW, weight_decay=0.0) if "loopadam" in options else None,
     )
+    module.reuse_rollout_forward = "recompute" not in options
     if "unfused" in options:
         import lit_rlhf.rl.module as module_file
         from lit_rlhf.rl.rollout import entropy_from_logits, logprobs_from_logits
@@ -83,7 +85,7 @@ def profile(variant: str, tiny: bool, iterations: int) -> dict[str, Any]:
 
     SECTIONS.clear()
     options = set() if variant == "baseline" else set(variant.split("+"))
-    unknown = options - {"unfused", "shared", "bf16", "loopadam", "generate"}
+    unknown = options - {"unfused", "shared", "bf16", "loopadam", "generate", "recompute"}
     if unknown:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {variant!r}")
     fused = module_file.logprobs_and_entropy
@@ -171,10 +173,18 @@ def _profile(module: Any, variant: str, options: set[str], tiny: bool, iteration
     times["other (Lightning, KL, advantages, logging)"] = total - sum(times.values())
     shares = {name: seconds / total for name, seconds in sorted(times.items(), key=lambda kv: -kv[1])}
     # Sanity of the numerics: KL to the reference, and how far the update moved the policy from the rollout's.
-    checks = ("objective/kl", "objective/score", "policy/approx_kl", "policy/clip_frac", "objective/entropy")
+    checks = (
+        "objective/kl",
+        "objective/score",
+        "policy/approx_kl",
+        "policy/clip_frac",
+        "objective/entropy",
+        "response/length",
+    )
     return {
         "variant": variant,
         "seconds_per_iteration": warm,
+        "iteration_seconds": durations,
         "share_of_time": shares,
         "peak_rss_mb": peak_rss_mb(),
         "metrics_per_iteration": [{key: m[key] for key in checks if key in m} for m in metrics],
