@@ -254,8 +254,12 @@ def quantization_config(load_in_8bit: bool, load_in_4bit: bool, compute_dtype: D
     )
 
 
-def _quantised_kwargs(dtype: DType | torch.dtype, load_in_8bit: bool, load_in_4bit: bool, device) -> dict:
+def _load_kwargs(
+    dtype: DType | torch.dtype, load_in_8bit: bool, load_in_4bit: bool, device, attn_implementation: str | None
+) -> dict:
     kwargs = {"dtype": _dtype(dtype)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     config = quantization_config(load_in_8bit, load_in_4bit, dtype)
     if config is not None:
         kwargs["quantization_config"] = config
@@ -280,13 +284,15 @@ def load_causal_lm(
     lora: LoraOptions | None = None,
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a causal LM (bundled name, hub id or path), optionally quantised (bitsandbytes) and wrapped with LoRA.
 
     Quantised weights are frozen and placed at load time on ``device`` (default: ``rank_device()``); with ``lora``
     this is QLoRA. Without quantisation the model loads on the CPU unless ``device`` is given.
+    ``attn_implementation`` is transformers' (``eager``, ``sdpa``, ...); None keeps its default.
     """
-    kwargs = _quantised_kwargs(dtype, load_in_8bit, load_in_4bit, device)
+    kwargs = _load_kwargs(dtype, load_in_8bit, load_in_4bit, device, attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
     quantised = "quantization_config" in kwargs
     if device is not None and not quantised:
@@ -301,16 +307,17 @@ def load_sequence_classifier(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
     device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a one-label sequence classifier (a reward model); a bare trunk gets a freshly initialised head.
 
-    Quantisation as in ``load_causal_lm``; the score head stays in full precision.
+    Quantisation and ``attn_implementation`` as in ``load_causal_lm``; the score head stays in full precision.
     """
     path = resolve(name_or_path)
     config = AutoConfig.from_pretrained(path, num_labels=1)
     if config.pad_token_id is None:
         config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id or config.eos_token_id
-    kwargs = _quantised_kwargs(dtype, load_in_8bit, load_in_4bit, device)
+    kwargs = _load_kwargs(dtype, load_in_8bit, load_in_4bit, device, attn_implementation)
     model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
     quantised = "quantization_config" in kwargs
     if device is not None and not quantised:
@@ -346,9 +353,10 @@ class ScalarHead(nn.Module):
         lora: LoraOptions | None = None,
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
+        attn_implementation: str | None = None,
     ) -> ScalarHead:
         """A trunk loaded like ``load_causal_lm`` (quantised and / or with LoRA) under a fresh full-precision head."""
-        kwargs = _quantised_kwargs(dtype, load_in_8bit, load_in_4bit, None)
+        kwargs = _load_kwargs(dtype, load_in_8bit, load_in_4bit, None, attn_implementation)
         trunk = AutoModel.from_pretrained(resolve(name_or_path), **kwargs)
         hidden = trunk.config.hidden_size
         quantised = "quantization_config" in kwargs

@@ -109,3 +109,25 @@ def test_public_api_resolves():
         assert getattr(lit_rlhf, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         lit_rlhf.Nope  # noqa: B018
+
+
+def test_attn_implementation_reaches_every_model_a_stage_loads():
+    from lit_rlhf.rewards import LengthReward
+    from lit_rlhf.rl import PPO, RLHFModule
+    from lit_rlhf.sft import SFTModule
+
+    def kernel(model):
+        return model.config._attn_implementation
+
+    assert kernel(load_causal_lm("tiny-llama")) == "sdpa"  # transformers' default when none is asked for
+    assert kernel(SFTModule(model="tiny-llama", attn_implementation="eager").model) == "eager"
+    assert kernel(RewardModelModule(backbone="tiny-llama", attn_implementation="eager").model) == "eager"
+    rl = RLHFModule("tiny-llama", reward=LengthReward(), algorithm=PPO(), attn_implementation="eager")
+    assert [kernel(m) for m in (rl.policy, rl.reference, rl.value_model.trunk)] == ["eager"] * 3
+    with torch.no_grad():  # and the eager kernel gives the same log-probs as the default one
+        batch = torch.tensor([[5, 6, 7, 8, 9]])
+        torch.manual_seed(0)
+        default = load_causal_lm("tiny-llama")
+        torch.manual_seed(0)
+        eager = load_causal_lm("tiny-llama", attn_implementation="eager")
+        torch.testing.assert_close(eager(input_ids=batch).logits, default(input_ids=batch).logits, rtol=1e-4, atol=1e-5)

@@ -159,6 +159,10 @@ class RLHFModule(L.LightningModule):
         rollout_seed: Reseed torch from (rollout_seed, iteration, rank) at the start of every iteration, so that a
             resumed run repeats the uninterrupted one exactly whatever happened in between; None keeps the global
             RNG stream (whose state is still checkpointed). Named apart from the data module's shuffle ``seed``.
+        attn_implementation: transformers' attention kernel for the policy, reference and value trunk (``eager``,
+            ``sdpa``, ...); None keeps transformers' default (``sdpa``). On a CPU ``eager`` makes the update's
+            backward faster at short lengths (bench/README.md: 0.710 s against 0.875 s for 8 × 73 tokens of
+            SmolLM2); its memory grows with the square of the length.
     """
 
     reuse_rollout_forward: bool = True
@@ -195,6 +199,7 @@ class RLHFModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         rollout_backend: Literal["native", "hf", "vllm"] = "native",
         vllm: VLLMOptions | None = None,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -245,12 +250,18 @@ class RLHFModule(L.LightningModule):
         self.lora = lora
 
         self.tokenizer = load_tokenizer(policy, padding_side="left")
-        self.policy = load_causal_lm(policy, dtype=dtype, lora=lora, **quantised)
+        self.policy = load_causal_lm(
+            policy, dtype=dtype, lora=lora, attn_implementation=attn_implementation, **quantised
+        )
         if lora is not None:
             self.reference = None
         elif reference_load_in_8bit or reference_load_in_4bit:
             self.reference = load_causal_lm(
-                policy, dtype=dtype, load_in_8bit=reference_load_in_8bit, load_in_4bit=reference_load_in_4bit
+                policy,
+                dtype=dtype,
+                load_in_8bit=reference_load_in_8bit,
+                load_in_4bit=reference_load_in_4bit,
+                attn_implementation=attn_implementation,
             ).eval()
             self.reference.requires_grad_(False)
         else:
@@ -268,7 +279,9 @@ class RLHFModule(L.LightningModule):
         if value_model_path is not None and self.value_mode != "separate":
             raise ValueError("model.value_model_path is only used with value_model: separate.")
         self.value_model = (
-            ScalarHead.from_pretrained(value_model_path or policy, dtype=dtype, lora=lora, **quantised)
+            ScalarHead.from_pretrained(
+                value_model_path or policy, dtype=dtype, lora=lora, attn_implementation=attn_implementation, **quantised
+            )
             if self.value_mode == "separate"
             else None
         )
