@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from lit_rlhf.models import export_pretrained, is_quantised
+from lit_rlhf.models import LoraOptions, export_pretrained, is_quantised
 from lit_rlhf.scale import check_strategy, clip_grad_norm, uses_grad_scaler
 
 SchedulerName = Literal["constant", "linear", "cosine"]
@@ -84,6 +85,27 @@ class FineTuningModule(L.LightningModule):
     Subclasses set ``self.model``, ``self.tokenizer`` and ``self.optimizer_factory`` and save the hyperparameters
     ``learning_rate``, ``weight_decay``, ``scheduler`` and ``warmup_ratio``.
     """
+
+    @staticmethod
+    def load_trainable(
+        loader: Callable[..., torch.nn.Module],
+        name: str,
+        lora: LoraOptions | None,
+        load_in_8bit: bool,
+        load_in_4bit: bool,
+        gradient_checkpointing: bool,
+        **options: Any,
+    ) -> torch.nn.Module:
+        """``loader(name, lora=..., load_in_8bit=..., load_in_4bit=..., **options)`` in train mode, with gradient
+        checkpointing if asked; quantised weights are frozen, so they need ``lora``."""
+        if (load_in_8bit or load_in_4bit) and lora is None:
+            raise ValueError("load_in_8bit / load_in_4bit freeze the base weights: set model.lora to train adapters.")
+        model = loader(name, lora=lora, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, **options)
+        model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
+        if gradient_checkpointing:
+            # Non-reentrant: gradients then reach LoRA weights even though the frozen inputs need none.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
 
     def setup(self, stage: str) -> None:
         check_strategy(self, quantised=is_quantised(self.model))

@@ -87,22 +87,18 @@ class RewardModelModule(FineTuningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        if (load_in_8bit or load_in_4bit) and lora is None:
-            raise ValueError("load_in_8bit / load_in_4bit freeze the base weights: set model.lora to train adapters.")
         if lora is not None and not lora.modules_to_save:
             lora.modules_to_save = ["score", "classifier"]
-        self.model = load_sequence_classifier(
+        self.model = self.load_trainable(
+            load_sequence_classifier,
             backbone,
+            lora,
+            load_in_8bit,
+            load_in_4bit,
+            gradient_checkpointing,
             dtype=dtype,
-            lora=lora,
-            load_in_8bit=load_in_8bit,
-            load_in_4bit=load_in_4bit,
             attn_implementation=attn_implementation,
         )
-        self.model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
-        if gradient_checkpointing:
-            # Non-reentrant: gradients then reach LoRA weights even though the frozen inputs need none.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = load_tokenizer(backbone, padding_side="right")
         self.accuracy = torch.nn.ModuleDict({s: BinaryAccuracy() for s in ("val", "test")})
         self.mean_margin = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})

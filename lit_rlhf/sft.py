@@ -66,20 +66,16 @@ class SFTModule(FineTuningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        if (load_in_8bit or load_in_4bit) and lora is None:
-            raise ValueError("load_in_8bit / load_in_4bit freeze the base weights: set model.lora to train adapters.")
-        self.model = load_causal_lm(
+        self.model = self.load_trainable(
+            load_causal_lm,
             model,
+            lora,
+            load_in_8bit,
+            load_in_4bit,
+            gradient_checkpointing,
             dtype=dtype,
-            lora=lora,
-            load_in_8bit=load_in_8bit,
-            load_in_4bit=load_in_4bit,
             attn_implementation=attn_implementation,
         )
-        self.model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
-        if gradient_checkpointing:
-            # Non-reentrant: gradients then reach LoRA weights even though the frozen inputs need none.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = load_tokenizer(model, padding_side="right")
         self.perplexity = torch.nn.ModuleDict({s: Perplexity(ignore_index=-100) for s in ("val", "test")})
 
