@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
@@ -82,27 +82,30 @@ class FineTuningModule(L.LightningModule):
     """The hooks the supervised stages (SFT, reward model) share: optimizer and schedule from their hyperparameters,
     FSDP-aware gradient clipping, the strategy check, and the export to a plain transformers folder.
 
-    Subclasses set ``self.model``, ``self.tokenizer`` and ``self.optimizer_factory`` and save the hyperparameters
-    ``learning_rate``, ``weight_decay``, ``scheduler`` and ``warmup_ratio``.
+    Subclasses set ``self.model`` (through ``load_trainable``), ``self.tokenizer`` and ``self.optimizer_factory`` and
+    save the hyperparameters ``learning_rate``, ``weight_decay``, ``scheduler``, ``warmup_ratio`` and those
+    ``load_trainable`` reads.
     """
 
-    @staticmethod
     def load_trainable(
-        loader: Callable[..., torch.nn.Module],
-        name: str,
-        lora: LoraOptions | None,
-        load_in_8bit: bool,
-        load_in_4bit: bool,
-        gradient_checkpointing: bool,
-        **options: Any,
+        self, loader: Callable[..., torch.nn.Module], name: str, lora: LoraOptions | None
     ) -> torch.nn.Module:
-        """``loader(name, lora=..., load_in_8bit=..., load_in_4bit=..., **options)`` in train mode, with gradient
-        checkpointing if asked; quantised weights are frozen, so they need ``lora``."""
-        if (load_in_8bit or load_in_4bit) and lora is None:
+        """``loader(name, lora=lora, ...)`` with the saved hyperparameters ``dtype``, ``load_in_8bit``,
+        ``load_in_4bit`` and ``attn_implementation``, in train mode, with ``gradient_checkpointing`` if set;
+        quantised weights are frozen, so they need ``lora``."""
+        hp = self.hparams
+        if (hp.load_in_8bit or hp.load_in_4bit) and lora is None:
             raise ValueError("load_in_8bit / load_in_4bit freeze the base weights: set model.lora to train adapters.")
-        model = loader(name, lora=lora, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, **options)
+        model = loader(
+            name,
+            lora=lora,
+            dtype=hp.dtype,
+            load_in_8bit=hp.load_in_8bit,
+            load_in_4bit=hp.load_in_4bit,
+            attn_implementation=hp.attn_implementation,
+        )
         model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
-        if gradient_checkpointing:
+        if hp.gradient_checkpointing:
             # Non-reentrant: gradients then reach LoRA weights even though the frozen inputs need none.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model

@@ -89,16 +89,7 @@ class RewardModelModule(FineTuningModule):
         self.optimizer_factory = optimizer
         if lora is not None and not lora.modules_to_save:
             lora.modules_to_save = ["score", "classifier"]
-        self.model = self.load_trainable(
-            load_sequence_classifier,
-            backbone,
-            lora,
-            load_in_8bit,
-            load_in_4bit,
-            gradient_checkpointing,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-        )
+        self.model = self.load_trainable(load_sequence_classifier, backbone, lora)
         self.tokenizer = load_tokenizer(backbone, padding_side="right")
         self.accuracy = torch.nn.ModuleDict({s: BinaryAccuracy() for s in ("val", "test")})
         self.mean_margin = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})

@@ -66,16 +66,7 @@ class SFTModule(FineTuningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        self.model = self.load_trainable(
-            load_causal_lm,
-            model,
-            lora,
-            load_in_8bit,
-            load_in_4bit,
-            gradient_checkpointing,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-        )
+        self.model = self.load_trainable(load_causal_lm, model, lora)
         self.tokenizer = load_tokenizer(model, padding_side="right")
         self.perplexity = torch.nn.ModuleDict({s: Perplexity(ignore_index=-100) for s in ("val", "test")})
 
