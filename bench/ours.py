@@ -92,8 +92,7 @@ def run_rl(cfg: dict[str, Any]) -> dict[str, Any]:
     trunk, head = count_params(module.policy)
     rows = len(clock.outputs[-1]["completions"])
     prompt = clock.batches[-1]["input_ids"].shape[1]
-    # As RLHFModule.training_step decides it (the bench never accumulates gradients nor shards).
-    reused = module.reuse_rollout_forward and algorithm.num_minibatches == 1
+    reused = module.update_reuses_rollout_forward()
     flops = rl_iteration_flops(
         trunk, head, rows, prompt, cfg["max_new_tokens"], algorithm.epochs, module.value_mode, True, reused
     )

@@ -275,6 +275,14 @@ def test_default_optimizer_is_fused_adamw_over_policy_and_critic():
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
 
 
+def count_policy_forwards(module) -> list[int]:
+    """A list that grows by one at each call of ``module.policy_outputs``."""
+    calls: list[int] = []
+    forward = module.policy_outputs
+    module.policy_outputs = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    return calls
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("name", ["ppo_one_minibatch", "a2c", "nlpo_one_minibatch"])
 def test_update_reuses_the_rollout_forward_with_the_same_result(name, lora):
@@ -289,9 +297,7 @@ def test_update_reuses_the_rollout_forward_with_the_same_result(name, lora):
             algorithm=make(), lora=LoraOptions(r=4) if lora else None, reward=LengthReward(target=8, unit="chars")
         )
         module.reuse_rollout_forward = reuse
-        calls = []
-        forward = module.policy_outputs
-        module.policy_outputs = lambda *a, forward=forward, calls=calls, **k: calls.append(1) or forward(*a, **k)
+        calls = count_policy_forwards(module)
         outputs = Outputs()
         trainer(1, callbacks=[outputs]).fit(module, prompt_loader())
         metrics = {k: v for k, v in outputs.outputs[0]["metrics"].items() if not k.startswith("time/")}
@@ -308,8 +314,7 @@ def test_update_reuses_the_rollout_forward_with_the_same_result(name, lora):
 
 def test_update_recomputes_the_forward_when_minibatches_differ_from_the_rollout():
     module = tiny_module(algorithm=PPO(epochs=1, num_minibatches=2))
-    calls = []
-    forward = module.policy_outputs
-    module.policy_outputs = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    assert not module.update_reuses_rollout_forward()
+    calls = count_policy_forwards(module)
     trainer(1).fit(module, prompt_loader())
     assert len(calls) == 3  # the rollout's, then one per minibatch

@@ -464,7 +464,7 @@ class RLHFModule(L.LightningModule):
         attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
         with torch.enable_grad() if keep_graph else nullcontext():
             graph = self.policy_outputs(sequences, attention_mask, length, hooks=hooks)
-        outputs = PolicyOutputs(*(t.detach() if t is not None else None for t in graph))
+        outputs = graph.detach()
         ref_logprobs = self.reference_logprobs(sequences, attention_mask, length)
         kl = kl_estimate(outputs.logprobs, ref_logprobs, self.kl_estimator) * response_mask
         experience = Experience(
@@ -500,16 +500,7 @@ class RLHFModule(L.LightningModule):
         self.eval()  # no dropout: rollout and update forwards must agree
         self.algorithm.on_iteration_start(self, self.iteration)
         start = time.perf_counter()
-        # With one minibatch (no accumulation) the first update pass runs at the rollout's weights on all its rows:
-        # its forward is the rollout's, so the rollout keeps the graph and the update skips one policy forward.
-        # Not under FSDP, whose units reshard between forward and backward on a schedule of their own.
-        reuse = (
-            self.reuse_rollout_forward
-            and self.algorithm.num_minibatches == 1
-            and self.gradient_accumulation_steps == 1
-            and fsdp_root(self) is None
-        )
-        rollout = self.rollout(batch, keep_graph=reuse)
+        rollout = self.rollout(batch, keep_graph=self.update_reuses_rollout_forward())
         rollout_time = time.perf_counter() - start
         with torch.no_grad():
             advantages, returns = self.algorithm.advantages(rollout.experience)
@@ -586,6 +577,20 @@ class RLHFModule(L.LightningModule):
             return value
         return float(self.trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="mean"))
 
+    def update_reuses_rollout_forward(self) -> bool:
+        """Whether this iteration's update starts from the rollout's policy forward (see ``reuse_rollout_forward``).
+
+        With one minibatch and no accumulation the first update pass runs at the rollout's weights on all its rows,
+        so its forward is the rollout's. Not under FSDP, whose units reshard between forward and backward on a
+        schedule of their own.
+        """
+        return (
+            self.reuse_rollout_forward
+            and self.algorithm.num_minibatches == 1
+            and self.gradient_accumulation_steps == 1
+            and fsdp_root(self) is None
+        )
+
     def _update(self, experience: Experience, first: PolicyOutputs | None = None) -> dict[str, Tensor]:
         """``epochs`` × ``num_minibatches`` optimizer steps on ``algorithm.loss``; returns the mean metrics.
 
@@ -614,7 +619,7 @@ class RLHFModule(L.LightningModule):
                     last = i == len(micros) - 1
                     with nullcontext() if last or self._trainer is None else skip_gradient_sync(self):
                         if first is not None:
-                            outputs, first = PolicyOutputs(*(t[micro] if t is not None else None for t in first)), None
+                            outputs, first = first.select(micro), None
                         else:
                             outputs = self.policy_outputs(part.sequences, part.attention_mask, part.prompt_ids.shape[1])
                         loss, metrics = algorithm.loss(part, outputs)

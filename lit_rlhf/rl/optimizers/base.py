@@ -86,6 +86,14 @@ class PolicyOutputs(NamedTuple):
     values: Tensor | None
     """(b, T) current critic values; None without a critic."""
 
+    def select(self, index: Tensor) -> PolicyOutputs:
+        """The rows ``index`` (shape (b,) long) of every tensor, gradients kept (as ``Experience.select``)."""
+        return PolicyOutputs(*(t[index] if t is not None else None for t in self))
+
+    def detach(self) -> PolicyOutputs:
+        """The same tensors without their autograd graph."""
+        return PolicyOutputs(*(t.detach() if t is not None else None for t in self))
+
 
 LogitsTransform = Callable[[Tensor], Tensor]
 """Maps response logits (b, T, V) to the logits that log-probs, ratio and entropy use."""
