@@ -1,15 +1,15 @@
 """The RL loop learns: on tiny-llama, the share of the letter "a" in completions must clearly rise."""
 
 import pytest
-from test_rl_support import (
+
+from lit_rlhf.rl import A2C, NLPO, PPO, FixedKL, GenerationOptions
+from tests.test_rl_support import (
     PROMPTS,
     Outputs,
     prompt_loader,
     tiny_module,
     trainer,
 )
-
-from lit_rlhf.rl import A2C, NLPO, PPO, FixedKL, GenerationOptions
 
 # (algorithm, learning rate, iterations): A2C takes one optimizer step per rollout, so it gets a larger step size.
 CASES = {

@@ -4,7 +4,13 @@ import math
 
 import pytest
 import torch
-from test_rl_support import (
+
+from lit_rlhf.models import LoraOptions
+from lit_rlhf.rewards import LengthReward
+from lit_rlhf.rl import A2C, NLPO, PPO, AdaptiveKL, GenerationOptions
+from lit_rlhf.rl.optimizers.nlpo import MASK_ADAPTER, top_p_mask
+from lit_rlhf.rl.rollout import causal_lm_forward, full_precision_head
+from tests.test_rl_support import (
     PROMPTS,
     Outputs,
     prompt_batch,
@@ -12,12 +18,6 @@ from test_rl_support import (
     tiny_module,
     trainer,
 )
-
-from lit_rlhf.models import LoraOptions
-from lit_rlhf.rewards import LengthReward
-from lit_rlhf.rl import A2C, NLPO, PPO, AdaptiveKL, GenerationOptions
-from lit_rlhf.rl.optimizers.nlpo import MASK_ADAPTER, top_p_mask
-from lit_rlhf.rl.rollout import causal_lm_forward, full_precision_head
 
 ALGORITHMS = {
     "ppo": lambda: PPO(epochs=2, num_minibatches=2),

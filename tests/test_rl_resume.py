@@ -3,15 +3,15 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_rl_support import (
+
+from lit_rlhf.models import LoraOptions
+from lit_rlhf.rl import NLPO, PPO, AdaptiveKL, RLHFModule
+from tests.test_rl_support import (
     Outputs,
     prompt_loader,
     tiny_module,
     trainer,
 )
-
-from lit_rlhf.models import LoraOptions
-from lit_rlhf.rl import NLPO, PPO, AdaptiveKL, RLHFModule
 
 KEYS = ("objective/score", "objective/kl", "objective/kl_coef", "policy/loss", "value/loss", "policy/approx_kl")
 

@@ -3,12 +3,12 @@ same stop handling; and the inverse-CDF draw on probabilities written out by han
 
 import pytest
 import torch
-from test_rl_support import PROMPTS, prompt_batch, tiny_module
 from transformers import LogitsProcessor
 
 from lit_rlhf.models import load_causal_lm, load_tokenizer
 from lit_rlhf.rl import GenerationOptions
 from lit_rlhf.rl.sampling import draw, sample
+from tests.test_rl_support import PROMPTS, prompt_batch, tiny_module
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,12 @@ import inspect
 
 import torch
 import yaml
-from test_rl_support import (
+
+from lit_rlhf.rl import GenerationOptions
+from lit_rlhf.rl.advantages import masked_mean
+from lit_rlhf.rl.losses import policy_gradient_loss
+from lit_rlhf.rl.optimizers import Experience, PolicyOptimizer, PolicyOutputs
+from tests.test_rl_support import (
     PROMPTS,
     Outputs,
     prompt_batch,
@@ -13,11 +18,6 @@ from test_rl_support import (
     tiny_module,
     trainer,
 )
-
-from lit_rlhf.rl import GenerationOptions
-from lit_rlhf.rl.advantages import masked_mean
-from lit_rlhf.rl.losses import policy_gradient_loss
-from lit_rlhf.rl.optimizers import Experience, PolicyOptimizer, PolicyOutputs
 
 
 class RLOO(PolicyOptimizer):
@@ -94,7 +94,7 @@ def test_rloo_from_yaml_by_class_path(tmp_path):
         "model": {
             "policy": "tiny-llama",
             "reward": {"class_path": "lit_rlhf.rewards.CharacterShareReward", "init_args": {"target": "a"}},
-            "algorithm": {"class_path": "test_rl_seam.RLOO", "init_args": {"entropy_coef": 0.01}},
+            "algorithm": {"class_path": "tests.test_rl_seam.RLOO", "init_args": {"entropy_coef": 0.01}},
             "generation": {"max_new_tokens": 8, "num_samples": 2},
             "learning_rate": 1.0e-3,
         },

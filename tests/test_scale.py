@@ -11,13 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_rl_support import Outputs, prompt_loader, tiny_module, trainer
 from transformers import AutoModelForCausalLM
 
 from lit_rlhf import models
 from lit_rlhf.cli import main, run_stage
 from lit_rlhf.models import LoraOptions, load_causal_lm, resolve
 from lit_rlhf.rl import A2C, PPO
+from tests.test_rl_support import Outputs, prompt_loader, tiny_module, trainer
 
 bnb = pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).parents[1]

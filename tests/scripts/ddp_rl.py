@@ -13,10 +13,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from test_rl_support import Outputs, prompt_loader, tiny_module  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).parents[2]))
 from lit_rlhf.rl import PPO  # noqa: E402
+from tests.test_rl_support import Outputs, prompt_loader, tiny_module  # noqa: E402
 
 
 class Record(Outputs):
