@@ -67,7 +67,7 @@ def rl_settings(tiny: bool, work: Path) -> dict[str, Any]:
 
 
 def reward_settings(tiny: bool, work: Path) -> dict[str, Any]:
-    from lit_rlhf.data.formats import split_off
+    from lit_rlhf.data.loading import split_off
     from lit_rlhf.data.preferences import read_preferences
     from lit_rlhf.models import load_tokenizer, resolve
 
@@ -102,7 +102,7 @@ def reward_settings(tiny: bool, work: Path) -> dict[str, Any]:
 
 
 def sft_settings(tiny: bool, work: Path) -> dict[str, Any]:
-    from lit_rlhf.data.formats import split_off
+    from lit_rlhf.data.loading import split_off
     from lit_rlhf.data.sft import read_sft
     from lit_rlhf.models import load_tokenizer, resolve
 

@@ -193,7 +193,7 @@ class RewardModel:
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        from lit_rlhf.data.formats import encode_prompt_response
+        from lit_rlhf.data.encoding import encode_prompt_response
 
         if len(prompts) != len(completions):
             raise ValueError(f"RewardModel got {len(prompts)} prompts but {len(completions)} completions.")

@@ -7,20 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from lit_rlhf.data.formats import (
-    IGNORE_INDEX,
-    DataFormatError,
+from lit_rlhf.data.encoding import IGNORE_INDEX, encode_prompt_response, encode_sft
+from lit_rlhf.data.errors import DataFormatError
+from lit_rlhf.data.loading import split_off
+from lit_rlhf.data.preferences import read_preferences, write_preferences
+from lit_rlhf.data.rows import (
     PreferenceExample,
     SFTExample,
-    encode_prompt_response,
-    encode_sft,
-    iter_rows,
     parse_preference_row,
     parse_sft_row,
-    split_off,
     split_transcript_pair,
 )
-from lit_rlhf.data.preferences import read_preferences, write_preferences
+from lit_rlhf.data.sources import iter_rows
 from lit_rlhf.models import MINILM, load_tokenizer
 
 HH_DEV = Path(__file__).parents[2] / "shared/data/hh-rlhf-harmless-dev.jsonl.gz"

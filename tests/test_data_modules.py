@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_rlhf.data.formats import IGNORE_INDEX, PreferenceExample
+from lit_rlhf.data.encoding import IGNORE_INDEX
 from lit_rlhf.data.preferences import PreferenceDataModule, read_preferences, write_preferences
 from lit_rlhf.data.prompts import PACKAGED_DIR, PromptDataModule, load_prompts
+from lit_rlhf.data.rows import PreferenceExample
 from lit_rlhf.data.sft import SFTDataModule
 from lit_rlhf.models import MINILM, TINY_LLAMA
 

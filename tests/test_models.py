@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lit_rlhf import models
-from lit_rlhf.data.formats import encode_prompt_response
+from lit_rlhf.data.encoding import encode_prompt_response
 from lit_rlhf.models import LoraOptions, export_pretrained, load_causal_lm, load_tokenizer, resolve
 from lit_rlhf.reward import RewardModel, RewardModelModule
 

@@ -1,15 +1,10 @@
 """LightningDataModules for the three RLHF stages (prompts, preference pairs, SFT) and their row formats."""
 
-from lit_rlhf.data.formats import (
-    DataFormatError,
-    PreferenceExample,
-    SFTExample,
-    encode_prompt_response,
-    parse_preference_row,
-    parse_sft_row,
-)
+from lit_rlhf.data.encoding import encode_prompt, encode_prompt_response, pad_left, pad_right
+from lit_rlhf.data.errors import DataFormatError
 from lit_rlhf.data.preferences import PreferenceDataModule, read_preferences, write_preferences
-from lit_rlhf.data.prompts import PromptDataModule, encode_prompt, load_prompts, read_prompts
+from lit_rlhf.data.prompts import PromptDataModule, load_prompts, read_prompts
+from lit_rlhf.data.rows import PreferenceExample, SFTExample, parse_preference_row, parse_sft_row
 from lit_rlhf.data.sft import SFTDataModule, read_sft
 
 __all__ = [
@@ -22,6 +17,8 @@ __all__ = [
     "encode_prompt",
     "encode_prompt_response",
     "load_prompts",
+    "pad_left",
+    "pad_right",
     "parse_preference_row",
     "parse_sft_row",
     "read_preferences",

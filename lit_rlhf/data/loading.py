@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sequence, Sized
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -11,8 +12,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.formats import split_off
 from lit_rlhf.models import load_tokenizer, resolve
+
+T = TypeVar("T")
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -100,6 +102,22 @@ def make_loader(
     else:
         sampler = EpochSeededSampler(dataset, seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)
+
+
+def split_off(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Deterministically carve ``fraction`` of ``items`` (at least one) off as a validation set: ``(train, val)``.
+
+    Both keep the original order; the same ``seed`` and items give the same split on every run and rank.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}.")
+    count = max(1, round(fraction * len(items)))
+    if count >= len(items):
+        raise ValueError(f"val_fraction={fraction} leaves no training rows out of {len(items)}; lower it.")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:count])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
 class SplitDataModule(L.LightningDataModule):

@@ -9,17 +9,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.formats import (
-    PreferenceExample,
-    encode_prompt_response,
-    load_examples,
-    parse_preference_row,
-)
+from lit_rlhf.data.encoding import PreferenceCollator, encode_prompt_response
 from lit_rlhf.data.loading import SplitDataModule
+from lit_rlhf.data.rows import PreferenceExample, parse_preference_row
+from lit_rlhf.data.sources import load_examples
 from lit_rlhf.models import load_tokenizer
 
 
@@ -35,11 +31,11 @@ def read_preferences(
 
     Args:
         source: A ``.jsonl`` / ``.json`` / ``.csv`` (optionally ``.gz``) / ``.parquet`` file, a dataset folder, or a hub
-            dataset name. Row formats are detected per row (see :func:`~lit_rlhf.data.formats.parse_preference_row`).
+            dataset name. Row formats are detected per row (see :func:`~lit_rlhf.data.rows.parse_preference_row`).
         tokenizer: Tokenizer (or its name) whose chat template renders conversational rows; None renders them as
             ``"role: content"`` lines.
         split: Split to load from a folder or hub dataset; ignored for files.
-        skip_invalid: Skip and count bad rows instead of raising :class:`~lit_rlhf.data.formats.DataFormatError`.
+        skip_invalid: Skip and count bad rows instead of raising :class:`~lit_rlhf.data.errors.DataFormatError`.
         hub_kwargs: Extra ``datasets.load_dataset`` arguments (``data_dir``, ``name``, ``revision`` ...).
         stats: If given, filled with the counts ``rows``, ``kept``, ``invalid``, ``identical``, ``realigned``.
     """
@@ -78,7 +74,7 @@ def write_preferences(pairs: Iterable[PreferenceExample], path: str | Path) -> P
 
 
 class PreferenceDataset(Dataset):
-    """Examples encoded on access with :func:`~lit_rlhf.data.formats.encode_prompt_response`."""
+    """Examples encoded on access with :func:`~lit_rlhf.data.encoding.encode_prompt_response`."""
 
     def __init__(self, examples: list[PreferenceExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
         self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
@@ -100,35 +96,6 @@ class PreferenceDataset(Dataset):
         """Tokens of the longer side of pair ``index`` (what its batch pads to)."""
         item = self[index]
         return max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"]))
-
-
-def pad_right(sequences: list[list[int]], pad_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists to ``length``. Shape: (B, length) ids and (B, length) attention mask (1 on real tokens)."""
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
-    return ids, mask
-
-
-class PreferenceCollator:
-    """Batch preference items; chosen and rejected are padded to one common length so a model can stack them."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        length = max(len(item[key]) for item in items for key in ("chosen_input_ids", "rejected_input_ids"))
-        chosen_ids, chosen_mask = pad_right([item["chosen_input_ids"] for item in items], self.pad_id, length)
-        rejected_ids, rejected_mask = pad_right([item["rejected_input_ids"] for item in items], self.pad_id, length)
-        return {
-            "chosen_input_ids": chosen_ids,
-            "chosen_attention_mask": chosen_mask,
-            "rejected_input_ids": rejected_ids,
-            "rejected_attention_mask": rejected_mask,
-            "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
-        }
 
 
 class PreferenceDataModule(SplitDataModule):

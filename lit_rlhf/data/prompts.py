@@ -3,40 +3,25 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.formats import (
-    DataFormatError,
-    Message,
-    has_chat_template,
-    load_examples,
-    parse_messages,
-    render_messages,
-    special_token_template,
-    tokenize,
-)
+from lit_rlhf.data.chat import render_messages
+from lit_rlhf.data.encoding import PromptCollator, encode_prompt
+from lit_rlhf.data.errors import DataFormatError
 from lit_rlhf.data.loading import make_loader
+from lit_rlhf.data.rows import Prompt, parse_messages
+from lit_rlhf.data.sources import load_examples
 from lit_rlhf.models import load_tokenizer, resolve
 
 PACKAGED_DIR = Path(__file__).with_name("prompts")
 """Folder of the packaged prompt set: ``train.jsonl`` and ``heldout.jsonl``, one ``{"prompt": ...}`` per line."""
 PACKAGED_SPLITS = ("train", "heldout")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt as read: the raw ``text`` (what rewards see) and, for ``messages`` rows, the conversation."""
-
-    text: str
-    messages: tuple[Message, ...] | None = None
 
 
 def _parse_prompt(row: Mapping[str, Any], file: str, line: int, counts: Counter) -> Prompt:
@@ -94,50 +79,6 @@ def load_prompts(path: str | None = None, split: str = "train", limit: int | Non
     return [prompt.text for prompt in read_prompts(path, split, limit)]
 
 
-def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: Prompt | str,
-    max_prompt_length: int,
-    chat_template: bool = True,
-    system_prompt: str | None = None,
-) -> list[int]:
-    """Generation-ready ids for one prompt, the last ``max_prompt_length`` tokens kept.
-
-    With ``chat_template`` and a tokenizer that has one, the prompt becomes a user message (after ``system_prompt``)
-    rendered with ``add_generation_prompt=True``. Otherwise the raw text (``system_prompt`` and a blank line before
-    it) gets the tokenizer's leading special tokens, which left truncation keeps.
-    """
-    if isinstance(prompt, str):
-        prompt = Prompt(prompt)
-    messages = list(prompt.messages or [{"role": "user", "content": prompt.text}])
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    if chat_template and has_chat_template(tokenizer):
-        return tokenize(tokenizer, render_messages(messages, tokenizer, add_generation_prompt=True))[
-            -max_prompt_length:
-        ]
-    if prompt.messages is None:
-        text = f"{system_prompt}\n\n{prompt.text}" if system_prompt else prompt.text
-    else:
-        text = render_messages(messages, None, add_generation_prompt=True)
-    prefix = special_token_template(tokenizer, pair=False)[0]
-    if len(prefix) >= max_prompt_length:
-        raise ValueError(f"max_prompt_length={max_prompt_length} leaves no room after the leading special tokens.")
-    return prefix + tokenize(tokenizer, text)[-(max_prompt_length - len(prefix)) :]
-
-
-def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists to the longest. Shape: (B, P) ids and (B, P) attention mask (1 on real tokens)."""
-    length = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        if sequence:
-            ids[row, length - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
-            mask[row, length - len(sequence) :] = 1
-    return ids, mask
-
-
 class PromptDataset(Dataset):
     """Encoded prompts: items are ``(raw text, ids)``."""
 
@@ -149,17 +90,6 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[str, list[int]]:
         return self.texts[index], self.ids[index]
-
-
-class PromptCollator:
-    """Batch prompts: ``{"prompt": list[str], "input_ids": (B, P) left-padded, "attention_mask": (B, P)}``."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items: list[tuple[str, list[int]]]) -> dict[str, Any]:
-        input_ids, attention_mask = pad_left([ids for _, ids in items], self.pad_id)
-        return {"prompt": [text for text, _ in items], "input_ids": input_ids, "attention_mask": attention_mask}
 
 
 class PromptDataModule(L.LightningDataModule):

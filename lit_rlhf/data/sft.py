@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.formats import IGNORE_INDEX, SFTExample, encode_sft, load_examples, parse_sft_row
+from lit_rlhf.data.encoding import SFTCollator, encode_sft
 from lit_rlhf.data.loading import SplitDataModule
+from lit_rlhf.data.rows import SFTExample, parse_sft_row
+from lit_rlhf.data.sources import load_examples
 from lit_rlhf.models import load_tokenizer
 
 
@@ -29,7 +30,7 @@ def read_sft(
     """Read SFT rows (``prompt``/``completion``, ``messages`` or hh-rlhf ``chosen``) into examples.
 
     Args:
-        source: File, dataset folder or hub dataset name (see :func:`~lit_rlhf.data.formats.iter_rows`).
+        source: File, dataset folder or hub dataset name (see :func:`~lit_rlhf.data.sources.iter_rows`).
         tokenizer: Tokenizer (or name) whose chat template renders conversations; None renders ``"role: content"``.
         split: Split for folder / hub sources.
         skip_invalid: Skip and count bad rows instead of raising ``DataFormatError``.
@@ -51,7 +52,7 @@ def read_sft(
 
 
 class SFTDataset(Dataset):
-    """Examples encoded on access with :func:`~lit_rlhf.data.formats.encode_sft`."""
+    """Examples encoded on access with :func:`~lit_rlhf.data.encoding.encode_sft`."""
 
     def __init__(self, examples: list[SFTExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
         self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
@@ -65,24 +66,6 @@ class SFTDataset(Dataset):
     def length(self, index: int) -> int:
         """Tokens of example ``index``."""
         return len(self[index][0])
-
-
-class SFTCollator:
-    """Right-pad ``(ids, labels)`` items: ``input_ids`` / ``attention_mask`` / ``labels`` (B, T), labels -100 on pad."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        length = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, target) in enumerate(items):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, : len(ids)] = torch.tensor(target, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class SFTDataModule(SplitDataModule):

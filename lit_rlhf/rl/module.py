@@ -739,7 +739,7 @@ class RLHFModule(L.LightningModule):
     ) -> list[str]:
         """Completions of the current policy (no algorithm hooks) for raw prompt texts, encoded as
         ``PromptDataModule`` does; ``num_samples`` completions per prompt, adjacent."""
-        from lit_rlhf.data.prompts import encode_prompt, pad_left
+        from lit_rlhf.data.encoding import encode_prompt, pad_left
 
         options = generation or self.generation
         was_training = self.training
