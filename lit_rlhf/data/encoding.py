@@ -216,12 +216,6 @@ class SFTCollator:
         self.pad_id = pad_id
 
     def __call__(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        length = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, target) in enumerate(items):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, : len(ids)] = torch.tensor(target, dtype=torch.long)
+        input_ids, attention_mask = pad_right([ids for ids, _ in items], self.pad_id)
+        labels, _ = pad_right([target for _, target in items], IGNORE_INDEX, input_ids.shape[1])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
