@@ -1,9 +1,21 @@
 """Encoders and padding on hand-worked ids: prompt/response and SFT encoding, pad_left / pad_right and the three
 collators."""
 
-from lit_rlhf.data.encoding import IGNORE_INDEX, encode_prompt_response, encode_sft
+import pytest
+import torch
+
+from lit_rlhf.data.encoding import (
+    IGNORE_INDEX,
+    PreferenceCollator,
+    PromptCollator,
+    SFTCollator,
+    encode_prompt_response,
+    encode_sft,
+    pad_left,
+    pad_right,
+)
 from lit_rlhf.data.rows import SFTExample, parse_sft_row
-from lit_rlhf.models import MINILM, load_tokenizer
+from lit_rlhf.models import MINILM, TINY_LLAMA, load_tokenizer
 from tests.data.test_support import A, B, C, D, E, F, U, V, W, X, Y, Z
 
 
@@ -44,3 +56,59 @@ def test_sft_rows_and_encoding(tok):
     ids, labels = encode_sft(tok, chat, 64)
     assert ids[-3:] == [C, 3, 100] and labels[-4:] == [IGNORE_INDEX, C, 3, 100]  # the template's EOS, none added
     assert labels.count(IGNORE_INDEX) == len(ids) - 3
+
+
+# --- padding and collators -------------------------------------------------------------------------------------------
+
+
+def test_pad_right_to_the_longest_or_a_given_length():
+    ids, mask = pad_right([[A, B, C], [D], []], pad_id=0)
+    assert ids.tolist() == [[A, B, C], [D, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    ids, mask = pad_right([[A, B], [C]], pad_id=IGNORE_INDEX, length=4)
+    assert ids.tolist() == [[A, B, -100, -100], [C, -100, -100, -100]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_pad_left_to_the_longest():
+    ids, mask = pad_left([[A, B, C], [D], []], pad_id=0)
+    assert ids.tolist() == [[A, B, C], [0, 0, D], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
+@pytest.mark.parametrize("name", [TINY_LLAMA, MINILM])
+def test_pad_right_matches_the_tokenizers_own_right_padding(name):
+    # RewardModel pads with pad_right where it used tokenizer.pad: the same ids and mask.
+    tokenizer = load_tokenizer(name, padding_side="right")
+    encoded = [encode_prompt_response(tokenizer, p, r, 32) for p, r in [("a question", " yes"), ("q", " a longer no")]]
+    expected = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+    ids, mask = pad_right(encoded, tokenizer.pad_token_id)
+    assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+
+
+def test_collators_batch_as_written_out_by_hand():
+    # The tensors the collators gave before they moved here, written out: pad id 0, labels padded with -100.
+    prompts = PromptCollator(pad_id=0)([("ab", [A, B]), ("c", [C])])
+    assert prompts["prompt"] == ["ab", "c"]
+    assert prompts["input_ids"].tolist() == [[A, B], [0, C]] and prompts["attention_mask"].tolist() == [[1, 1], [0, 1]]
+
+    pairs = PreferenceCollator(pad_id=0)(
+        [
+            {"chosen_input_ids": [A], "rejected_input_ids": [B, C, D], "margin": 1.5},
+            {"chosen_input_ids": [E, F], "rejected_input_ids": [U], "margin": 0.0},
+        ]
+    )
+    # Both sides share the width of the longest of either side (3), so a model can stack them.
+    assert pairs["chosen_input_ids"].tolist() == [[A, 0, 0], [E, F, 0]]
+    assert pairs["chosen_attention_mask"].tolist() == [[1, 0, 0], [1, 1, 0]]
+    assert pairs["rejected_input_ids"].tolist() == [[B, C, D], [U, 0, 0]]
+    assert pairs["rejected_attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert pairs["margin"].dtype == torch.float32 and pairs["margin"].tolist() == [1.5, 0.0]
+
+    sft = SFTCollator(pad_id=0)([([A, B, C, 3], [IGNORE_INDEX, IGNORE_INDEX, C, 3]), ([X, 3], [X, 3])])
+    assert sft["input_ids"].tolist() == [[A, B, C, 3], [X, 3, 0, 0]]
+    assert sft["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert sft["labels"].tolist() == [[-100, -100, C, 3], [X, 3, -100, -100]]
+    assert all(t.dtype == torch.long for t in sft.values())
