@@ -9,6 +9,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 from transformers import AutoTokenizer
 
+from lit_rlhf.data.encoding import encode_prompt_response, pad_right
 from lit_rlhf.models import (
     DType,
     LoraOptions,
@@ -99,16 +100,22 @@ class RewardModelModule(FineTuningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
     def _pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        # One forward over chosen and rejected together: half the kernel launches and one padding pass.
+        """Rewards of the chosen and the rejected sides in one forward: half the kernel launches.
+
+        Shape: batch ``{chosen,rejected}_{input_ids,attention_mask}`` (B, T) -> (B,) chosen and (B,) rejected rewards.
+
+        Raises:
+            ValueError: the two sides have different widths (``PreferenceCollator`` pads both to one).
+        """
         chosen_ids, rejected_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
-        width = max(chosen_ids.shape[1], rejected_ids.shape[1])
-        pad = self.tokenizer.pad_token_id
-
-        def widen(t: torch.Tensor, value: int) -> torch.Tensor:
-            return F.pad(t, (0, width - t.shape[1]), value=value)
-
-        ids = torch.cat([widen(chosen_ids, pad), widen(rejected_ids, pad)])
-        mask = torch.cat([widen(batch["chosen_attention_mask"], 0), widen(batch["rejected_attention_mask"], 0)])
+        if chosen_ids.shape[1] != rejected_ids.shape[1]:
+            raise ValueError(
+                f"Chosen and rejected ids must be padded to one width to be scored in one forward, got "
+                f"{chosen_ids.shape[1]} and {rejected_ids.shape[1]}; batch them with "
+                "lit_rlhf.data.encoding.PreferenceCollator."
+            )
+        ids = torch.cat([chosen_ids, rejected_ids])
+        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         rewards = self(ids, mask)
         return rewards[: len(chosen_ids)], rewards[len(chosen_ids) :]
 
@@ -193,8 +200,6 @@ class RewardModel:
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        from lit_rlhf.data.encoding import encode_prompt_response
-
         if len(prompts) != len(completions):
             raise ValueError(f"RewardModel got {len(prompts)} prompts but {len(completions)} completions.")
         encoded = [
@@ -206,9 +211,7 @@ class RewardModel:
         scores = torch.empty(len(encoded), dtype=torch.float32)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-            logits = self.model(
-                input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
-            ).logits
+            ids, mask = pad_right([encoded[i] for i in idx], self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             scores[idx] = logits.squeeze(-1).float().cpu()
         return scores

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lit_rlhf import models
-from lit_rlhf.data.encoding import encode_prompt_response
+from lit_rlhf.data.encoding import PreferenceCollator, encode_prompt_response
 from lit_rlhf.models import LoraOptions, export_pretrained, load_causal_lm, load_tokenizer, resolve
 from lit_rlhf.reward import RewardModel, RewardModelModule
 
@@ -79,6 +79,44 @@ def test_reward_model_rejects_mismatched_lengths(tmp_path):
     path = module.export(tmp_path / "rm")
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         RewardModel(str(path))(["a", "b"], ["c"])
+
+
+@pytest.mark.parametrize("backbone", ["tiny-llama", "all-minilm-l6-v2"])
+def test_pair_rewards_score_a_collated_batch_as_each_sequence_alone(backbone):
+    # PreferenceCollator pads chosen and rejected to one width: one forward over both, no re-padding.
+    module = RewardModelModule(backbone=backbone).eval()
+    tok = module.tokenizer
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    chosen_ids = [encode_prompt_response(tok, prompt, reply, 64) for reply in (" Hello!", " No.")]
+    rejected_ids = [encode_prompt_response(tok, prompt, reply, 64) for reply in (" Go away, I am busy.", "")]
+    items = [
+        {"chosen_input_ids": c, "rejected_input_ids": r, "margin": 0.0}
+        for c, r in zip(chosen_ids, rejected_ids, strict=True)
+    ]
+    batch = PreferenceCollator(tok.pad_token_id)(items)
+
+    def alone(sequences: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(
+            [module(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in sequences]
+        )
+
+    with torch.no_grad():
+        chosen, rejected = module._pair_rewards(batch)
+        torch.testing.assert_close(chosen, alone(chosen_ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rejected, alone(rejected_ids), rtol=1e-4, atol=1e-4)
+    narrower = {key: batch[key][:, :-1] for key in ("rejected_input_ids", "rejected_attention_mask")}
+    with pytest.raises(ValueError, match="must be padded to one width"):
+        module._pair_rewards(batch | narrower)
+
+
+def test_reward_model_scores_do_not_depend_on_the_batch_padding(tmp_path):
+    module = RewardModelModule(backbone="tiny-llama")
+    scorer = RewardModel(str(module.export(tmp_path / "rm")), batch_size=1, max_length=64, device="cpu")
+    prompts = ["hi", "tell me a long story please", "", "why"]
+    replies = [" ok", " no", " a much longer reply than the others", " b"]
+    alone = scorer(prompts, replies)
+    scorer.batch_size = 3  # a batch of 3 and one of 1, right-padded with pad_right
+    torch.testing.assert_close(scorer(prompts, replies), alone, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.real_model
