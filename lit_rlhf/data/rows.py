@@ -1,5 +1,5 @@
-"""Row formats and their validation: preference, SFT and prompt examples parsed from decoded rows (hh-rlhf transcripts,
-plain text or conversations) with errors that name the file, line and field at fault."""
+"""Row formats and their validation: preference and SFT examples (and the ``Prompt`` record) parsed from decoded rows,
+hh-rlhf transcripts, plain text or conversations, with errors that name the file, line and field at fault."""
 
 from __future__ import annotations
 
