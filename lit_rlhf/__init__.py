@@ -18,6 +18,9 @@ _EXPORTS = {
     "PPO": "lit_rlhf.rl",
     "A2C": "lit_rlhf.rl",
     "NLPO": "lit_rlhf.rl",
+    "RLOO": "lit_rlhf.rl",
+    "PolicyGenerator": "lit_rlhf.rl",
+    "PolicyModels": "lit_rlhf.rl",
     "FixedKL": "lit_rlhf.rl",
     "AdaptiveKL": "lit_rlhf.rl",
     "GenerationOptions": "lit_rlhf.rl",
@@ -32,7 +35,7 @@ _EXPORTS = {
     "load_causal_lm": "lit_rlhf.models",
     "load_tokenizer": "lit_rlhf.models",
     "load_sequence_classifier": "lit_rlhf.models",
-    "export_pretrained": "lit_rlhf.models",
+    "export_pretrained": "lit_rlhf.finetuning",
     "VaderJudge": "lit_rlhf.judges",
     "BradleyTerryAnnotator": "lit_rlhf.judges",
     "HFExportCallback": "lit_rlhf.callbacks",
@@ -53,16 +56,28 @@ if TYPE_CHECKING:  # pragma: no cover
         read_preferences,
         write_preferences,
     )
+    from lit_rlhf.finetuning import export_pretrained  # noqa: F401
     from lit_rlhf.judges import BradleyTerryAnnotator, VaderJudge  # noqa: F401
     from lit_rlhf.models import (  # noqa: F401
         LoraOptions,
-        export_pretrained,
         load_causal_lm,
         load_sequence_classifier,
         load_tokenizer,
     )
     from lit_rlhf.reward import RewardModel, RewardModelModule, bradley_terry_loss  # noqa: F401
-    from lit_rlhf.rl import A2C, NLPO, PPO, AdaptiveKL, FixedKL, GenerationOptions, PolicyOptimizer, RLHFModule  # noqa: F401
+    from lit_rlhf.rl import (  # noqa: F401
+        A2C,
+        NLPO,
+        PPO,
+        RLOO,
+        AdaptiveKL,
+        FixedKL,
+        GenerationOptions,
+        PolicyGenerator,
+        PolicyModels,
+        PolicyOptimizer,
+        RLHFModule,
+    )
     from lit_rlhf.sft import SFTModule  # noqa: F401
 
 

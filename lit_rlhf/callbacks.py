@@ -12,8 +12,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_rlhf.models import export_pretrained
-from lit_rlhf.report import markdown_table
+from lit_rlhf.finetuning import export_pretrained
+from lit_rlhf.reporting import markdown_table
 
 __all__ = ["HFExportCallback", "MetricsHistory", "SampleTable"]
 

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # stage -> (LightningModule, LightningDataModule, module argument that names the tokenizer the data must use)
-STAGES: dict[str, tuple[str, str, str]] = {
+STAGE_CLIS: dict[str, tuple[str, str, str]] = {
     "sft": ("lit_rlhf.sft:SFTModule", "lit_rlhf.data.sft:SFTDataModule", "model.model"),
     "reward": ("lit_rlhf.reward:RewardModelModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.backbone"),
     "rl": ("lit_rlhf.rl.module:RLHFModule", "lit_rlhf.data.prompts:PromptDataModule", "model.policy"),
@@ -53,9 +53,9 @@ class StageCLI(LightningCLI):
 
 def run_stage(stage: str, args: list[str] | None = None, run: bool = True) -> StageCLI:
     """Build (and by default run) the LightningCLI of one stage; ``args`` as on the command line after the stage."""
-    if stage not in STAGES:
-        raise SystemExit(f"lit-rlhf: unknown stage {stage!r}; choose one of {', '.join(STAGES)}.\n\n{USAGE}")
-    model_path, data_path, source = STAGES[stage]
+    if stage not in STAGE_CLIS:
+        raise SystemExit(f"lit-rlhf: unknown stage {stage!r}; choose one of {', '.join(STAGE_CLIS)}.\n\n{USAGE}")
+    model_path, data_path, source = STAGE_CLIS[stage]
     return StageCLI(
         _load(model_path),
         _load(data_path),
@@ -74,7 +74,7 @@ def export_main(argv: list[str]) -> None:
     from pathlib import Path
 
     parser = argparse.ArgumentParser(prog="lit-rlhf export", description=export_main.__doc__)
-    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("stage", choices=list(STAGE_CLIS))
     parser.add_argument("checkpoint", help="a .ckpt file (FSDP: state_dict_type full, or a consolidated one)")
     parser.add_argument("output", help="folder to write the transformers checkpoint and tokenizer to")
     args = parser.parse_args(argv)
@@ -85,7 +85,7 @@ def export_main(argv: list[str]) -> None:
             f"  python -m lightning.pytorch.utilities.consolidate_checkpoint {checkpoint}\n"
             f"and export the file it writes ({checkpoint}.consolidated)."
         )
-    module = _load(STAGES[args.stage][0]).load_from_checkpoint(checkpoint, map_location="cpu")
+    module = _load(STAGE_CLIS[args.stage][0]).load_from_checkpoint(checkpoint, map_location="cpu")
     print(module.export(args.output))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 import string
@@ -267,6 +266,14 @@ def _load_kwargs(
     return kwargs
 
 
+def require_lora_for_quantisation(
+    lora: LoraOptions | None, load_in_8bit: bool, load_in_4bit: bool, prefix: str = "model."
+) -> None:
+    """Quantised base weights are frozen: training them needs LoRA adapters on top (QLoRA)."""
+    if (load_in_8bit or load_in_4bit) and lora is None:
+        raise ValueError(f"load_in_8bit / load_in_4bit freeze the base weights: set {prefix}lora to train adapters.")
+
+
 def _finish_loading(model: PreTrainedModel, lora: LoraOptions | None, task_type: str, quantised: bool) -> nn.Module:
     if quantised and lora is not None:
         from peft import prepare_model_for_kbit_training
@@ -371,53 +378,3 @@ class ScalarHead(nn.Module):
         extra = {"use_cache": False} if getattr(self.trunk.config, "use_cache", False) else {}
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
-
-
-def merged(model: nn.Module) -> nn.Module:
-    """A copy-free view of ``model`` without LoRA wrappers: adapters merged into the base weights."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload()
-    return model
-
-
-def _full_precision_copy(model) -> nn.Module:
-    """A peft model like ``model`` whose base is re-read in full precision from the checkpoint it was loaded from.
-
-    Merging into a quantised base would round the update back onto the 4- / 8-bit grid; merging into the original
-    weights gives the model QLoRA actually trained (Dettmers et al. 2023, §3).
-    """
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    base = model.get_base_model()
-    config = copy.deepcopy(base.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = type(base).from_pretrained(config._name_or_path, config=config, dtype="auto")
-    adapter = model.active_adapter
-    clone = get_peft_model(fresh, copy.deepcopy(model.peft_config[adapter]))
-    set_peft_model_state_dict(clone, get_peft_model_state_dict(model, adapter_name=adapter))
-    return clone
-
-
-def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, path: str | Path) -> Path:
-    """Save a checkpoint that loads with plain ``transformers`` ``from_pretrained`` (LoRA merged into a copy).
-
-    A LoRA model on a quantised base (QLoRA) is merged into its base re-read in full precision, so the export is a
-    plain float checkpoint. A quantised model without LoRA has nothing trained and cannot be exported.
-    """
-    from peft import PeftModel
-
-    path = Path(path)
-    if is_quantised(model):
-        if not isinstance(model, PeftModel):
-            raise ValueError("export_pretrained: a quantised model without LoRA is frozen; export its source instead.")
-        model = _full_precision_copy(model).merge_and_unload()
-    elif isinstance(model, PeftModel):
-        model = copy.deepcopy(model).merge_and_unload()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    return path

@@ -10,6 +10,7 @@ from torchmetrics.classification import BinaryAccuracy
 from transformers import AutoTokenizer
 
 from lit_rlhf.data.encoding import encode_prompt_response, pad_right
+from lit_rlhf.finetuning import FineTuningModule, SchedulerName
 from lit_rlhf.models import (
     DType,
     LoraOptions,
@@ -18,7 +19,6 @@ from lit_rlhf.models import (
     load_tokenizer,
     resolve,
 )
-from lit_rlhf.optim import FineTuningModule, SchedulerName
 
 
 def bradley_terry_loss(
@@ -183,7 +183,7 @@ class RewardModel:
                 raise ValueError("RewardModel: quantised loading needs an exported folder, not a Lightning .ckpt.")
             module = RewardModelModule.load_from_checkpoint(path, map_location="cpu")
             model, tokenizer = module.model, module.tokenizer
-            from lit_rlhf.models import merged
+            from lit_rlhf.finetuning import merged
 
             model = merged(model)
         else:

@@ -57,6 +57,26 @@ def clip_grad_norm(module: L.LightningModule, optimizer: torch.optim.Optimizer, 
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
 
+def gather_flat(module: L.LightningModule, values: torch.Tensor) -> torch.Tensor:
+    """``values`` of every process, concatenated flat (just ``values`` outside a Trainer).
+
+    Shape: (N,) -> (world_size · N,).
+    """
+    return module.all_gather(values).flatten() if module._trainer is not None else values.flatten()
+
+
+def mean_over_ranks(module: L.LightningModule, metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Each scalar's mean over all processes (one all-reduce for all of them), as CPU float tensors.
+
+    Equivalent to ``module.log(..., sync_dist=True)`` per key, which would cost one collective per metric.
+    """
+    keys = sorted(metrics)
+    values = torch.stack([torch.as_tensor(metrics[k]).detach().float().to(module.device).reshape(()) for k in keys])
+    if module._trainer is not None and module.trainer.world_size > 1:
+        values = module.trainer.strategy.reduce(values, reduce_op="mean")
+    return dict(zip(keys, values.cpu(), strict=True))
+
+
 def skip_gradient_sync(module: L.LightningModule) -> AbstractContextManager:
     """A context in which DDP backward passes accumulate local gradients without the all-reduce.
 

@@ -6,8 +6,8 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text import Perplexity
 
+from lit_rlhf.finetuning import FineTuningModule, SchedulerName
 from lit_rlhf.models import DType, LoraOptions, load_causal_lm, load_tokenizer
-from lit_rlhf.optim import FineTuningModule, SchedulerName
 
 
 def completion_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

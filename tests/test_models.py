@@ -4,12 +4,13 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM
 
 from lit_rlhf import models
-from lit_rlhf.data.encoding import PreferenceCollator, encode_prompt_response
-from lit_rlhf.models import LoraOptions, export_pretrained, load_causal_lm, load_tokenizer, resolve
-from lit_rlhf.reward import RewardModel, RewardModelModule
+from lit_rlhf.data.encoding import encode_prompt_response
+from lit_rlhf.finetuning import export_pretrained
+from lit_rlhf.models import LoraOptions, load_causal_lm, load_tokenizer, resolve
+from lit_rlhf.reward import RewardModelModule
 
 
 def test_resolve_passes_hub_ids_and_paths_through():
@@ -55,70 +56,6 @@ def test_scalar_head_gives_one_value_per_token(tiny_llama_path):
     assert values.shape == (2, 3)
 
 
-@pytest.mark.parametrize("backbone", ["tiny-llama", "all-minilm-l6-v2"])
-def test_reward_model_scores_match_the_trained_module(backbone, tmp_path):
-    module = RewardModelModule(backbone=backbone, lora=LoraOptions(r=4, alpha=8) if backbone == "tiny-llama" else None)
-    module.eval()
-    prompts = ["\n\nHuman: hi\n\nAssistant:", "\n\nHuman: tell me a joke\n\nAssistant:"]
-    replies = [" Hello, how can I help?", " No."]
-    tok = module.tokenizer
-    expected = []
-    with torch.no_grad():
-        for p, r in zip(prompts, replies, strict=True):
-            ids = torch.tensor([encode_prompt_response(tok, p, r, 64)])
-            expected.append(module(ids, torch.ones_like(ids)).item())
-    path = module.export(tmp_path / "rm")
-    assert AutoModelForSequenceClassification.from_pretrained(path).config.num_labels == 1
-    scores = RewardModel(str(path), batch_size=1, max_length=64)(prompts, replies)
-    assert scores.shape == (2,) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-4, atol=1e-4)
-
-
-def test_reward_model_rejects_mismatched_lengths(tmp_path):
-    module = RewardModelModule(backbone="tiny-llama")
-    path = module.export(tmp_path / "rm")
-    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
-        RewardModel(str(path))(["a", "b"], ["c"])
-
-
-@pytest.mark.parametrize("backbone", ["tiny-llama", "all-minilm-l6-v2"])
-def test_pair_rewards_score_a_collated_batch_as_each_sequence_alone(backbone):
-    # PreferenceCollator pads chosen and rejected to one width: one forward over both, no re-padding.
-    module = RewardModelModule(backbone=backbone).eval()
-    tok = module.tokenizer
-    prompt = "\n\nHuman: hi\n\nAssistant:"
-    chosen_ids = [encode_prompt_response(tok, prompt, reply, 64) for reply in (" Hello!", " No.")]
-    rejected_ids = [encode_prompt_response(tok, prompt, reply, 64) for reply in (" Go away, I am busy.", "")]
-    items = [
-        {"chosen_input_ids": c, "rejected_input_ids": r, "margin": 0.0}
-        for c, r in zip(chosen_ids, rejected_ids, strict=True)
-    ]
-    batch = PreferenceCollator(tok.pad_token_id)(items)
-
-    def alone(sequences: list[list[int]]) -> torch.Tensor:
-        return torch.tensor(
-            [module(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in sequences]
-        )
-
-    with torch.no_grad():
-        chosen, rejected = module._pair_rewards(batch)
-        torch.testing.assert_close(chosen, alone(chosen_ids), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(rejected, alone(rejected_ids), rtol=1e-4, atol=1e-4)
-    narrower = {key: batch[key][:, :-1] for key in ("rejected_input_ids", "rejected_attention_mask")}
-    with pytest.raises(ValueError, match="must be padded to one width"):
-        module._pair_rewards(batch | narrower)
-
-
-def test_reward_model_scores_do_not_depend_on_the_batch_padding(tmp_path):
-    module = RewardModelModule(backbone="tiny-llama")
-    scorer = RewardModel(str(module.export(tmp_path / "rm")), batch_size=1, max_length=64, device="cpu")
-    prompts = ["hi", "tell me a long story please", "", "why"]
-    replies = [" ok", " no", " a much longer reply than the others", " b"]
-    alone = scorer(prompts, replies)
-    scorer.batch_size = 3  # a batch of 3 and one of 1, right-padded with pad_right
-    torch.testing.assert_close(scorer(prompts, replies), alone, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.real_model
 def test_bundled_smollm2_generates_and_minilm_scores_offline():
     tok = load_tokenizer(models.SMOLLM2)
@@ -161,7 +98,7 @@ def test_attn_implementation_reaches_every_model_a_stage_loads():
     assert kernel(SFTModule(model="tiny-llama", attn_implementation="eager").model) == "eager"
     assert kernel(RewardModelModule(backbone="tiny-llama", attn_implementation="eager").model) == "eager"
     rl = RLHFModule("tiny-llama", reward=LengthReward(), algorithm=PPO(), attn_implementation="eager")
-    assert [kernel(m) for m in (rl.policy, rl.reference, rl.value_model.trunk)] == ["eager"] * 3
+    assert [kernel(m) for m in (rl.policy, rl.models.reference, rl.models.value_model.trunk)] == ["eager"] * 3
     with torch.no_grad():  # and the eager kernel gives the same log-probs as the default one
         batch = torch.tensor([[5, 6, 7, 8, 9]])
         torch.manual_seed(0)

@@ -17,7 +17,7 @@ from lit_rlhf import models
 from lit_rlhf.cli import main, run_stage
 from lit_rlhf.models import LoraOptions, load_causal_lm, resolve
 from lit_rlhf.rl import A2C, PPO
-from tests.test_rl_support import Outputs, prompt_loader, tiny_module, trainer
+from tests.rl.support import Outputs, prompt_loader, tiny_module, trainer
 
 bnb = pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).parents[1]
@@ -131,7 +131,7 @@ def test_8bit_lora_reward_model_trains(tmp_path):
 
 def test_qlora_rl_reference_is_the_quantised_base_with_the_adapter_off(tmp_path):
     module = tiny_module(algorithm=A2C(), lora=LoraOptions(r=4), load_in_4bit=True, learning_rate=5e-2)
-    assert module.reference is None and models.is_quantised(module.policy)
+    assert module.models.reference is None and models.is_quantised(module.policy)
     outputs = Outputs()
     trainer(2, callbacks=[outputs]).fit(module, prompt_loader())
     first, second = (o["metrics"] for o in outputs.outputs)
@@ -143,7 +143,7 @@ def test_qlora_rl_reference_is_the_quantised_base_with_the_adapter_off(tmp_path)
 
 def test_rl_reference_can_be_loaded_quantised_without_lora():
     module = tiny_module(algorithm=A2C(), reference_load_in_8bit=True)
-    assert models.is_quantised(module.reference) and not models.is_quantised(module.policy)
+    assert models.is_quantised(module.models.reference) and not models.is_quantised(module.policy)
     outputs = Outputs()
     trainer(1, callbacks=[outputs]).fit(module, prompt_loader())
     assert torch.isfinite(torch.tensor(outputs.outputs[0]["metrics"]["objective/kl"]))

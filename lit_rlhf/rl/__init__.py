@@ -1,21 +1,30 @@
-"""Stage 3, RL fine-tuning: ``RLHFModule`` and its plug-in algorithms (PPO, A2C, NLPO), KL control, rollout math."""
+"""Stage 3, RL fine-tuning: ``RLHFModule`` and its plug-in algorithms (PPO, A2C, NLPO, RLOO), KL control, and the
+pieces usable without any algorithm (``PolicyModels``, ``PolicyGenerator``)."""
 
+from lit_rlhf.rl.decoding import GenerationOptions
+from lit_rlhf.rl.experience import Experience, PolicyOutputs, Rollout, Samples
+from lit_rlhf.rl.generation import PolicyGenerator
 from lit_rlhf.rl.kl import AdaptiveKL, FixedKL, KLController
-from lit_rlhf.rl.module import RLHFModule, Rollout
-from lit_rlhf.rl.optimizers import A2C, NLPO, PPO, Experience, PolicyOptimizer, PolicyOutputs
-from lit_rlhf.rl.rollout import GenerationOptions
+from lit_rlhf.rl.module import RLHFModule
+from lit_rlhf.rl.optimizers import A2C, NLPO, PPO, RLOO, PolicyOptimizer, UpdateSchedule
+from lit_rlhf.rl.policy import PolicyModels
 
 __all__ = [
     "A2C",
     "NLPO",
     "PPO",
+    "RLOO",
     "AdaptiveKL",
     "Experience",
     "FixedKL",
     "GenerationOptions",
     "KLController",
+    "PolicyGenerator",
+    "PolicyModels",
     "PolicyOptimizer",
     "PolicyOutputs",
     "RLHFModule",
     "Rollout",
+    "Samples",
+    "UpdateSchedule",
 ]

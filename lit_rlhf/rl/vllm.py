@@ -6,15 +6,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from lit_rlhf.models import LoraOptions
-from lit_rlhf.rl.rollout import GenerationOptions
+from lit_rlhf.rl.decoding import GenerationOptions
+from lit_rlhf.rl.generation import Sampler
 
 INSTALL_HINT = "rollout_backend: vllm needs vLLM on a CUDA machine: `pip install lit-rlhf[vllm]`."
 
@@ -45,53 +49,82 @@ class VLLMOptions:
             raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1), got {self.gpu_memory_utilization}.")
 
 
-class VLLMRollout:
-    """Samples rollouts with vLLM and keeps its weights equal to the policy's.
+class VLLMSampler(Sampler):
+    """Samples with a colocated vLLM engine and keeps its weights equal to the policy's.
 
+    The engine starts at the first ``sample`` and takes the policy's weights then (a resumed run's, a LoRA adapter).
     Without LoRA the policy's weights are loaded into vLLM's model in place (``LLM.apply_model`` →
     ``model.load_weights``) after every update. With LoRA, vLLM serves the frozen base and each update's adapter is
     saved to a temporary folder and sent as a new ``LoRARequest`` (vLLM caches adapters by id, so each push gets a new
-    one). Only token ids come back: log-probs are recomputed by the policy's own forward, as with HF sampling.
+    one). Only token ids come back: log-probs are recomputed by the policy's own forward, as with the other backends.
 
     Args:
+        tokenizer: The policy's tokenizer.
+        stop_token_ids: Tokens that end a response.
         model_path: Local folder or hub id of the policy's initial weights (what vLLM loads).
         options: Engine settings.
         lora: The policy's LoRA settings, or None.
         world_size: Training processes; above 1 each one drives its own engine (vLLM's ``external_launcher``).
     """
 
-    def __init__(self, model_path: str, options: VLLMOptions, lora: LoraOptions | None, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_token_ids: list[int],
+        model_path: str,
+        options: VLLMOptions,
+        lora: LoraOptions | None,
+        world_size: int = 1,
+    ) -> None:
         require_vllm()
+        super().__init__(tokenizer, stop_token_ids)
+        self.model_path, self.options, self.lora, self.world_size = model_path, options, lora, world_size
+        self.llm: Any = None
+        self._lora_request = None
+        self._pushes = 0
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="lit-rlhf-vllm-"))
+
+    def _start(self) -> None:
         # In-process engine: `apply_model` then touches the same CUDA tensors instead of pickling them to a worker.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
-            model=model_path,
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            max_model_len=options.max_model_len,
-            dtype=options.dtype,
-            enforce_eager=options.enforce_eager,
-            enable_sleep_mode=options.sleep_during_update,
+            model=self.model_path,
+            gpu_memory_utilization=self.options.gpu_memory_utilization,
+            max_model_len=self.options.max_model_len,
+            dtype=self.options.dtype,
+            enforce_eager=self.options.enforce_eager,
+            enable_sleep_mode=self.options.sleep_during_update,
         )
-        if lora is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=lora.r, max_loras=1)
-        if world_size > 1:
+        if self.lora is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=self.lora.r, max_loras=1)
+        if self.world_size > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kwargs)
-        self.options = options
-        self.lora = lora
-        self._lora_request = None
-        self._pushes = 0
-        self._adapter_dir = Path(tempfile.mkdtemp(prefix="lit-rlhf-vllm-"))
 
     def sample(
-        self, prompt_ids: Tensor, prompt_mask: Tensor, options: GenerationOptions, stop_token_ids: list[int], pad: int
+        self,
+        policy: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        options: GenerationOptions,
+        processor: LogitsProcessor | None = None,
     ) -> Tensor:
-        """Sample one response per row. Shape: (B, P), (B, P) left-padded -> (B, P+T) sequences, T <= max_new_tokens,
-        responses right-padded with ``pad`` (the same layout as HF ``generate``)."""
+        """Sample one response per row; responses right-padded with the pad id (the layout of HF ``generate``).
+
+        Shape: (B, P), (B, P) left-padded -> (B, P+T) sequences, T <= max_new_tokens.
+        """
         from vllm import SamplingParams
 
+        if processor is not None:
+            raise ValueError(
+                "This algorithm samples through a logits processor, which vLLM cannot run: use rollout_backend: "
+                "native or hf."
+            )
+        if self.llm is None:
+            self._start()
+            self.refresh(policy)
         # Seeds drawn from torch's generator keep the rollout_seed / per-rank reseeding meaningful for vLLM too.
         seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],)).tolist()
         params = [
@@ -101,7 +134,7 @@ class VLLMRollout:
                 temperature=options.temperature if options.do_sample else 0.0,
                 top_k=options.top_k if options.do_sample and options.top_k > 0 else -1,
                 top_p=options.top_p if options.do_sample else 1.0,
-                stop_token_ids=list(stop_token_ids),
+                stop_token_ids=list(self.stop_token_ids),
                 stop=list(options.stop_strings) or None,
                 include_stop_str_in_output=True,
                 skip_special_tokens=False,
@@ -116,23 +149,28 @@ class VLLMRollout:
         outputs = self.llm.generate(requests, params, lora_request=self._lora_request, use_tqdm=False)
         responses = [list(out.outputs[0].token_ids) for out in outputs]
         length = max(1, max(len(r) for r in responses))
-        padded = torch.full((len(responses), length), pad, dtype=prompt_ids.dtype)
+        padded = torch.full((len(responses), length), self.tokenizer.pad_token_id, dtype=prompt_ids.dtype)
         for row, tokens in enumerate(responses):
             padded[row, : len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
         return torch.cat([prompt_ids, padded.to(prompt_ids.device)], dim=1)
 
-    def sleep(self) -> None:
-        """Release vLLM's GPU memory while the policy trains (only with ``sleep_during_update``)."""
-        if self.options.sleep_during_update:
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """vLLM's GPU memory is released while the policy trains (with ``sleep_during_update``)."""
+        asleep = self.llm is not None and self.options.sleep_during_update
+        if asleep:
             self.llm.sleep(level=1)
-
-    def wake_up(self) -> None:
-        if self.options.sleep_during_update:
-            self.llm.wake_up()
+        try:
+            yield
+        finally:
+            if asleep:
+                self.llm.wake_up()
 
     @torch.no_grad()
-    def push(self, policy: nn.Module) -> None:
-        """Make vLLM sample from ``policy``'s current weights (call after every update)."""
+    def refresh(self, policy: nn.Module) -> None:
+        """Make vLLM sample from ``policy``'s current weights (after every update)."""
+        if self.llm is None:
+            return  # the engine takes the weights when it starts
         self._pushes += 1
         if self.lora is not None:
             from vllm.lora.request import LoRARequest

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
 from lit_rlhf.rl import PPO  # noqa: E402
-from tests.test_rl_support import Outputs, prompt_loader, tiny_module  # noqa: E402
+from tests.rl.support import Outputs, prompt_loader, tiny_module  # noqa: E402
 
 
 class Record(Outputs):

@@ -1,8 +1,23 @@
-"""RL algorithms as ``PolicyOptimizer`` plug-ins of ``RLHFModule``: PPO, A2C, NLPO (add yours as one subclass)."""
+"""RL algorithms as ``PolicyOptimizer`` plug-ins of ``RLHFModule``: PPO, A2C, NLPO, RLOO (add yours as one subclass),
+and the types an algorithm works with."""
 
+from lit_rlhf.rl.experience import Experience, PolicyOutputs
 from lit_rlhf.rl.optimizers.a2c import A2C
-from lit_rlhf.rl.optimizers.base import Experience, LogitsTransform, PolicyOptimizer, PolicyOutputs
+from lit_rlhf.rl.optimizers.base import PolicyOptimizer, UpdateSchedule
 from lit_rlhf.rl.optimizers.nlpo import NLPO, top_p_mask
 from lit_rlhf.rl.optimizers.ppo import PPO
+from lit_rlhf.rl.optimizers.rloo import RLOO
+from lit_rlhf.rl.policy import LogitsTransform
 
-__all__ = ["A2C", "NLPO", "PPO", "Experience", "LogitsTransform", "PolicyOptimizer", "PolicyOutputs", "top_p_mask"]
+__all__ = [
+    "A2C",
+    "NLPO",
+    "PPO",
+    "RLOO",
+    "Experience",
+    "LogitsTransform",
+    "PolicyOptimizer",
+    "PolicyOutputs",
+    "UpdateSchedule",
+    "top_p_mask",
+]

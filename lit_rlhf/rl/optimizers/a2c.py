@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from lit_rlhf.rl.advantages import gae_advantages, masked_mean
+from lit_rlhf.rl.experience import Experience, PolicyOutputs
 from lit_rlhf.rl.losses import policy_gradient_loss, value_loss
-from lit_rlhf.rl.optimizers.base import Experience, PolicyOptimizer, PolicyOutputs
+from lit_rlhf.rl.optimizers.base import PolicyOptimizer
 
 
 class A2C(PolicyOptimizer):
@@ -22,8 +23,6 @@ class A2C(PolicyOptimizer):
     """
 
     needs_critic = True
-    epochs = 1
-    num_minibatches = 1
 
     def __init__(
         self,

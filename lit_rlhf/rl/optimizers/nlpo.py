@@ -6,18 +6,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
-from lit_rlhf.rl.optimizers.base import Experience, LogitsTransform, PolicyOptimizer, PolicyOutputs
+from lit_rlhf.rl.experience import Experience, PolicyOutputs
+from lit_rlhf.rl.optimizers.base import PolicyOptimizer
 from lit_rlhf.rl.optimizers.ppo import PPO
-from lit_rlhf.rl.rollout import causal_lm_forward, position_ids
-
-if TYPE_CHECKING:
-    from lit_rlhf.rl.module import RLHFModule
+from lit_rlhf.rl.policy import LogitsTransform, causal_lm_forward, position_ids
 
 MASK_ADAPTER = "nlpo_mask"
 """Name of the peft adapter that holds the masked copy when the policy is a LoRA model."""
@@ -43,7 +40,8 @@ class NLPO(PolicyOptimizer):
     A masked copy π_mask of the policy is re-synced from the policy every ``mask_update_interval`` iterations. At
     every step, the tokens outside π_mask's top-``top_mask`` set get logit -inf: rollouts sample from that masked
     distribution, and the log-probs, ratio and entropy of the PPO update use it too. With LoRA, π_mask is a second
-    adapter on the same base weights (peft ``add_adapter`` / ``set_adapter``); without LoRA, a frozen deep copy.
+    adapter on the same base weights (peft ``add_adapter`` / ``set_adapter``), saved with the policy; without LoRA, a
+    frozen deep copy, the submodule ``masked`` (checkpointed, moved and sharded with the module).
 
     Args:
         top_mask: Probability mass of π_mask's top-p set that the policy may sample from.
@@ -102,39 +100,28 @@ class NLPO(PolicyOptimizer):
             whiten_advantages=whiten_advantages,
             target_kl=target_kl,
         )
-        self.epochs, self.num_minibatches, self.target_kl = epochs, num_minibatches, target_kl
-        self._masked: nn.Module | None = None  # the deep copy (no LoRA)
+        self.schedule = self.ppo.schedule
+        self.masked: nn.Module | None = None  # the deep copy (no LoRA)
         self._adapter: str | None = None  # the policy's trained adapter (LoRA)
         self._allowed_tokens = float("nan")
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Hyperparameters pickle this object into every checkpoint; the masked copy is state, saved by state_dict().
-        return {**self.__dict__, "_masked": None}
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> NLPO:
-        clone = self.__class__.__new__(self.__class__)  # a deep copy keeps the masked copy (unlike pickling)
-        memo[id(self)] = clone
-        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return clone
-
     # --- the masked copy -------------------------------------------------------------------------------------------
 
-    def bind(self, module: RLHFModule) -> None:
+    def setup(self, policy: nn.Module) -> None:
         from peft import PeftModel
 
-        policy = module.policy
         if isinstance(policy, PeftModel):
-            self._masked, self._adapter = None, policy.active_adapter
+            self.masked, self._adapter = None, policy.active_adapter
             if MASK_ADAPTER not in policy.peft_config:
                 policy.add_adapter(MASK_ADAPTER, copy.deepcopy(policy.peft_config[self._adapter]))
         else:
-            self._masked, self._adapter = copy.deepcopy(policy).requires_grad_(False).eval(), None
+            self.masked, self._adapter = copy.deepcopy(policy).requires_grad_(False).eval(), None
         self.sync(policy)
 
     def sync(self, policy: nn.Module) -> None:
         """Copy the policy's current weights into π_mask (only the LoRA tensors with LoRA)."""
-        if self._masked is not None:
-            self._masked.load_state_dict(policy.state_dict())
+        if self.masked is not None:
+            self.masked.load_state_dict(policy.state_dict())
             return
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -144,8 +131,8 @@ class NLPO(PolicyOptimizer):
     @contextmanager
     def masked_policy(self, policy: nn.Module) -> Iterator[nn.Module]:
         """π_mask, as a model to call: the deep copy, or the policy with the snapshot adapter active."""
-        if self._masked is not None:
-            yield self._masked
+        if self.masked is not None:
+            yield self.masked
             return
         policy.set_adapter(MASK_ADAPTER)
         try:
@@ -153,21 +140,19 @@ class NLPO(PolicyOptimizer):
         finally:
             policy.set_adapter(self._adapter)  # also makes the trained adapter the trainable one again
 
-    def on_iteration_start(self, module: RLHFModule, iteration: int) -> None:
-        if self._masked is not None:
-            self._masked.to(module.device)
+    def on_iteration_start(self, policy: nn.Module, iteration: int) -> None:
         if iteration % self.mask_update_interval == 0:
-            self.sync(module.policy)
+            self.sync(policy)
 
     # --- the masked action space -----------------------------------------------------------------------------------
 
-    def logits_processor(self, module: RLHFModule, prompt_ids: Tensor, prompt_mask: Tensor) -> LogitsProcessor:
-        return _MaskedTopPProcessor(self, module.policy, prompt_mask)
+    def logits_processor(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> LogitsProcessor:
+        return _MaskedTopPProcessor(self, policy, prompt_mask)
 
     def logits_transform(
-        self, module: RLHFModule, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+        self, policy: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_length: int
     ) -> LogitsTransform:
-        with torch.no_grad(), self.masked_policy(module.policy) as model:
+        with torch.no_grad(), self.masked_policy(policy) as model:
             mask_logits, _ = causal_lm_forward(model, sequences, attention_mask, prompt_length)
         allowed = top_p_mask(mask_logits, self.top_mask, self.min_tokens_to_keep)
         # The sampled token was in the set during generation; a cached vs. full forward can differ in the last bits
@@ -186,14 +171,6 @@ class NLPO(PolicyOptimizer):
         loss, metrics = self.ppo.loss(batch, outputs)
         metrics["nlpo/allowed_tokens"] = torch.tensor(self._allowed_tokens)
         return loss, metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        # With LoRA the snapshot adapter lives inside the policy, so the module's own state_dict already holds it.
-        return {"masked_policy": self._masked.state_dict()} if self._masked is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._masked is not None and "masked_policy" in state:
-            self._masked.load_state_dict(state["masked_policy"])
 
 
 class _MaskedTopPProcessor(LogitsProcessor):

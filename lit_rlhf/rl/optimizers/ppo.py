@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from lit_rlhf.rl.advantages import gae_advantages, masked_mean
+from lit_rlhf.rl.experience import Experience, PolicyOutputs
 from lit_rlhf.rl.losses import clipped_policy_loss, clipped_value_loss
-from lit_rlhf.rl.optimizers.base import Experience, PolicyOptimizer, PolicyOutputs
+from lit_rlhf.rl.optimizers.base import PolicyOptimizer, UpdateSchedule
 
 
 class PPO(PolicyOptimizer):
@@ -40,15 +41,12 @@ class PPO(PolicyOptimizer):
         whiten_advantages: bool = True,
         target_kl: float | None = None,
     ) -> None:
-        if epochs < 1 or num_minibatches < 1:
-            raise ValueError(f"PPO: epochs ({epochs}) and num_minibatches ({num_minibatches}) must be >= 1.")
         if clip_range <= 0 or clip_range_value <= 0:
             raise ValueError(f"PPO: clip_range ({clip_range}) and clip_range_value ({clip_range_value}) must be > 0.")
-        self.epochs, self.num_minibatches = epochs, num_minibatches
+        self.schedule = UpdateSchedule(epochs, num_minibatches, target_kl)
         self.clip_range, self.clip_range_value = clip_range, clip_range_value
         self.value_coef, self.entropy_coef = value_coef, entropy_coef
         self.gamma, self.lam, self.whiten_advantages = gamma, lam, whiten_advantages
-        self.target_kl = target_kl
 
     def advantages(self, experience: Experience) -> tuple[Tensor, Tensor]:
         return gae_advantages(

@@ -3,7 +3,7 @@
 import pytest
 
 from lit_rlhf.rl import A2C, NLPO, PPO, FixedKL, GenerationOptions
-from tests.test_rl_support import (
+from tests.rl.support import (
     PROMPTS,
     Outputs,
     prompt_loader,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lit_rlhf.report import (
+from lit_rlhf.reporting import (
     Section,
     escape_cell,
     markdown_table,

@@ -6,7 +6,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_rlhf.models import LoraOptions
 from lit_rlhf.rl import NLPO, PPO, AdaptiveKL, RLHFModule
-from tests.test_rl_support import (
+from tests.rl.support import (
     Outputs,
     prompt_loader,
     tiny_module,
@@ -37,7 +37,7 @@ def test_resumed_run_matches_uninterrupted_run(case, tmp_path):
     with torch.serialization.safe_globals([]):  # the module's own state loads without pickled objects
         torch.save(checkpoint["rlhf"], tmp_path / "rlhf.pt")
         torch.load(tmp_path / "rlhf.pt", weights_only=True)
-    assert not any(key.startswith("reference.") for key in checkpoint["state_dict"])
+    assert not any(key.startswith("models.reference.") for key in checkpoint["state_dict"])
 
     resumed = Outputs()
     # weights_only=False: modules built in Python pickle their reward / algorithm objects into the hyperparameters
@@ -60,5 +60,33 @@ def test_load_from_checkpoint_rebuilds_the_module(tmp_path):
     assert loaded.iteration == 1 and loaded.kl.coef == module.kl.coef
     for (name, a), b in zip(module.policy.state_dict().items(), loaded.policy.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    masked = loaded.algorithm._masked.state_dict()
-    assert all(torch.equal(v, masked[k]) for k, v in module.algorithm._masked.state_dict().items())
+    masked = loaded.algorithm.masked.state_dict()
+    assert all(torch.equal(v, masked[k]) for k, v in module.algorithm.masked.state_dict().items())
+
+
+def as_written_by_version_0_1(checkpoint: dict) -> dict:
+    """A checkpoint in lit_rlhf 0.1's layout: models' keys at the top of the state dict, NLPO's masked copy (and
+    the algorithm's state) beside it under ``rlhf.algorithm``."""
+    state = checkpoint["state_dict"]
+    old = {key.removeprefix("models."): value for key, value in state.items() if not key.startswith("algorithm.")}
+    masked = {k.removeprefix("algorithm.masked."): v for k, v in state.items() if k.startswith("algorithm.masked.")}
+    rlhf = {**checkpoint["rlhf"], "algorithm": {"masked_policy": masked} if masked else {}}
+    return {**checkpoint, "state_dict": old, "rlhf": rlhf}
+
+
+@pytest.mark.parametrize("case", ["ppo", "nlpo"])
+def test_a_checkpoint_of_the_old_layout_resumes_exactly(case, tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    full = Outputs()
+    trainer(3, callbacks=[checkpoints, full], enable_checkpointing=True).fit(build(case), prompt_loader())
+    old = as_written_by_version_0_1(torch.load(tmp_path / "epoch=1.ckpt", weights_only=False))
+    assert any(key.startswith("policy.") for key in old["state_dict"])
+    torch.save(old, tmp_path / "old.ckpt")
+    resumed = Outputs()
+    trainer(3, callbacks=[resumed]).fit(
+        build(case), prompt_loader(), ckpt_path=tmp_path / "old.ckpt", weights_only=False
+    )
+    assert len(resumed.outputs) == 1
+    assert resumed.outputs[0]["completions"] == full.outputs[2]["completions"]
+    for key in KEYS:
+        assert resumed.outputs[0]["metrics"][key] == pytest.approx(full.outputs[2]["metrics"][key], abs=1e-5), key

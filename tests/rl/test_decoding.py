@@ -1,5 +1,5 @@
-"""The native decoding loop against transformers' ``generate``: same greedy output, same sampling distribution,
-same stop handling; and the inverse-CDF draw on probabilities written out by hand."""
+"""Decoding (``lit_rlhf.rl.decoding``): options, stop masks and stop strings on hand-worked cases; the native
+loop against transformers' ``generate`` (same greedy output, same distribution, same stops); the inverse-CDF draw."""
 
 import pytest
 import torch
@@ -7,8 +7,44 @@ from transformers import LogitsProcessor
 
 from lit_rlhf.models import load_causal_lm, load_tokenizer
 from lit_rlhf.rl import GenerationOptions
-from lit_rlhf.rl.sampling import draw, sample
-from tests.test_rl_support import PROMPTS, prompt_batch, tiny_module
+from lit_rlhf.rl.decoding import cut_at_stop_strings, draw, sample, stop_mask, stop_string_positions
+from tests.rl.support import PROMPTS, prompt_batch
+
+
+def close(actual, expected, tol=1e-4):
+    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), atol=tol, rtol=0)
+
+
+def test_stop_mask_keeps_first_stop_and_masks_after():
+    is_stop = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    mask, stopped = stop_mask(is_stop)
+    # row 0 stops at index 1 (kept), row 1 never stops (all kept), row 2 stops at once
+    close(mask, [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert stopped.tolist() == [True, False, True]
+
+
+def test_stop_string_positions_and_cut(tiny_llama_path):
+    from lit_rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_llama_path)
+    ids = torch.tensor([tokenizer("ab.cd", add_special_tokens=False)["input_ids"], tokenizer("abcde")["input_ids"]])
+    # the character tokenizer maps one character to one token: "." is token 2 of row 0; row 1 has none
+    assert stop_string_positions(tokenizer, ids, ["."]).tolist() == [2, -1]
+    # row 0: "b." completes at index 2, before "cd" (index 4); row 1: "cd" completes at index 3
+    assert stop_string_positions(tokenizer, ids, ["cd", "b."]).tolist() == [2, 3]
+    assert cut_at_stop_strings("hello. bye. x", ["bye", "."]) == "hello"
+    assert cut_at_stop_strings("no stop", ["."]) == "no stop"
+
+
+def test_generation_options():
+    config = GenerationOptions(max_new_tokens=5, temperature=0.7, stop_strings=["\n"]).to_hf([3], 0)
+    assert (config.max_new_tokens, config.temperature, config.top_k, config.top_p) == (5, 0.7, 0, 1.0)
+    assert config.stop_strings == ["\n"] and config.eos_token_id == [3] and config.pad_token_id == 0
+    greedy = GenerationOptions(do_sample=False, temperature=0.5).to_hf([3], 0)
+    assert not greedy.do_sample and greedy.temperature == 1.0
+    for bad in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}, {"num_samples": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GenerationOptions(**bad)
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +142,3 @@ def test_sampling_distribution_matches_the_warped_softmax(tiny):
     observed = torch.bincount(first, minlength=logits.shape[0]).float() / first.numel()
     assert set(first.unique().tolist()) <= set(top.indices.tolist())
     assert (observed - expected).abs().max() < 4 * (0.25 / 6000) ** 0.5  # 4 standard errors at the worst p = 0.5
-
-
-def test_rlhf_module_samples_natively_by_default_and_hf_on_request():
-    batch = prompt_batch(PROMPTS)
-    greedy = GenerationOptions(max_new_tokens=6, do_sample=False)
-    native, hf = tiny_module(generation=greedy), tiny_module(generation=greedy, rollout_backend="hf")
-    assert native.rollout_backend == "native"
-    rollouts = [m.rollout(batch).experience for m in (native, hf)]
-    assert torch.equal(rollouts[0].response_ids, rollouts[1].response_ids)
-    torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs)

@@ -1,0 +1,123 @@
+"""The policy's forwards (``lit_rlhf.rl.policy``): log-probs and entropy on hand-worked numbers, positions
+under left padding, the float32 LM head under autocast, the critic choices, and log-probs that match sampling."""
+
+import math
+
+import pytest
+import torch
+
+from lit_rlhf.rewards import LengthReward
+from lit_rlhf.rl import GenerationOptions
+from lit_rlhf.rl.policy import (
+    entropy_from_logits,
+    full_precision_head,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+    position_ids,
+)
+from tests.rl.support import PROMPTS, prompt_batch, prompt_loader, tiny_module, trainer
+
+LN2 = math.log(2)
+
+
+def close(actual, expected, tol=1e-4):
+    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), atol=tol, rtol=0)
+
+
+def test_logprobs_from_logits():
+    # logits [0, 0, ln 2] -> softmax [1/4, 1/4, 1/2]; tokens 2 then 0 -> [ln 1/2, ln 1/4]
+    logits = torch.tensor([[[0.0, 0.0, LN2], [0.0, 0.0, LN2]]])
+    close(logprobs_from_logits(logits, torch.tensor([[2, 0]])), [[-LN2, -2 * LN2]])
+
+
+def test_entropy_uniform_and_masked():
+    # uniform over 4 -> ln 4; two of four at -inf -> uniform over 2 -> ln 2, and the gradient stays finite
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -math.inf, -math.inf]]], requires_grad=True)
+    entropy = entropy_from_logits(logits)
+    close(entropy, [[2 * LN2, LN2]])
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_position_ids_skip_left_padding():
+    close(position_ids(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+
+
+def test_fused_logprobs_and_entropy_match_the_separate_functions():
+    logits = torch.randn(2, 3, 5)
+    logits[0, 0, 1] = float("-inf")  # a masked token (NLPO) must not turn either output into nan
+    tokens = torch.tensor([[0, 2, 4], [1, 1, 3]])
+    logprobs, entropy = logprobs_and_entropy(logits, tokens)
+    torch.testing.assert_close(logprobs, logprobs_from_logits(logits, tokens))
+    torch.testing.assert_close(entropy, entropy_from_logits(logits))
+    assert torch.isfinite(entropy).all()
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+def test_logprobs_match_the_sampling_distribution():
+    # The training forward (left padding, position ids, temperature) must reproduce generate's sampling log-probs.
+    module = tiny_module(generation=GenerationOptions(max_new_tokens=6, temperature=0.7))
+    module.eval()
+    batch = prompt_batch(PROMPTS)
+    config = module.generation.to_hf(module.generator.stop_token_ids, module.tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    out = module.policy.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        generation_config=config,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    length = batch["input_ids"].shape[1]
+    response = out.sequences[:, length:]
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    mask, _, _ = module.generator.finish(response, module.generation)
+    attention = torch.cat([batch["attention_mask"], mask.long()], 1)
+    with torch.no_grad():
+        ours = module.policy_outputs(out.sequences, attention, length).logprobs
+    torch.testing.assert_close(ours * mask, sampled * mask, atol=1e-4, rtol=0)
+
+
+def test_value_model_choices():
+    shared = tiny_module(value_model="shared")
+    assert shared.models.value_model is None and shared.models.value_head is not None
+    # Both kinds of critic start at 0 for every token (the mean of normalised returns), not at random values.
+    batch = prompt_batch(PROMPTS)
+    with torch.no_grad():
+        values = shared.policy_outputs(batch["input_ids"], batch["attention_mask"], 2).values
+        separate = tiny_module(value_model="separate")
+        assert torch.equal(
+            separate.models.value_model(batch["input_ids"], batch["attention_mask"]),
+            torch.zeros(batch["input_ids"].shape),
+        )
+    assert torch.equal(values, torch.zeros_like(values))
+    # A reward that is never 0 for these short responses, so the first iteration's returns cannot all be 0.
+    shared = tiny_module(value_model="shared", reward=LengthReward(target=8, unit="chars"))
+    head_before, policy_before = snapshot(shared.models.value_head), snapshot(shared.policy)
+    trainer(1).fit(shared, prompt_loader())
+    assert changed(head_before, shared.models.value_head) and changed(policy_before, shared.policy)
+    with pytest.raises(ValueError, match="needs a critic"):
+        tiny_module(value_model="none")
+    with pytest.raises(ValueError, match="value_model_path"):
+        tiny_module(value_model="shared", value_model_path="tiny-llama")
+
+
+def test_full_precision_head_keeps_logits_float32_under_autocast():
+    module = tiny_module()
+    batch = prompt_batch(PROMPTS)
+    with torch.no_grad():
+        exact = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            assert full_precision_head(module.policy) and not full_precision_head(module.policy)  # once only
+            mixed = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert rounded.dtype == torch.bfloat16 and mixed.dtype == torch.float32
+    # The trunk still runs in bfloat16, so the logits are not exact, but closer than bfloat16 logits.
+    assert (mixed - exact).abs().max() < (rounded.float() - exact).abs().max()

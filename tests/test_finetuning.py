@@ -1,0 +1,36 @@
+"""What the training stages share (``lit_rlhf.finetuning``): the default fused AdamW takes torch's step."""
+
+import torch
+
+
+def test_default_adamw_is_fused_and_takes_the_same_step_as_torch_loop():
+    from lit_rlhf.finetuning import adamw
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    fused_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    loop_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    fused = adamw([{"params": fused_params[:1]}, {"params": fused_params[1:], "lr": 0.1}], 0.01, 0.05)
+    loop = torch.optim.AdamW(
+        [{"params": loop_params[:1]}, {"params": loop_params[1:], "lr": 0.1}], lr=0.01, weight_decay=0.05, foreach=False
+    )
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    assert [g["lr"] for g in fused.param_groups] == [0.01, 0.1]
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, opt in ((fused_params, fused), (loop_params, loop)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, w in zip(fused_params, loop_params, weights, strict=True):
+        assert not torch.equal(a, w)  # it stepped
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_default_adamw_falls_back_where_there_is_no_fused_kernel():
+    from lit_rlhf.finetuning import adamw
+
+    assert adamw([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))], 0.1, 0.0).defaults["fused"]
+    # torch has no fused AdamW for the meta device: the helper leaves the choice to torch instead of failing.
+    on_meta = adamw([torch.nn.Parameter(torch.empty(2, device="meta"))], 0.1, 0.0)
+    assert not on_meta.defaults["fused"]
