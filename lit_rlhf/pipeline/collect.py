@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_rlhf.data import PreferenceExample, load_prompts, write_preferences
-from lit_rlhf.pipeline.common import RunPaths, annotator_for, sampler, sampling_precision, write_jsonl
+from lit_rlhf.pipeline.common import RunPaths, annotator_for, generator, sampling_precision, write_jsonl
 from lit_rlhf.pipeline.config import PipelineConfig
 
 
@@ -40,7 +40,7 @@ def run_collect(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         raise ValueError(f"collect.generation.num_samples is {k}: at least 2 completions per prompt make a pair.")
     prompts = load_prompts(config.train_prompts, "train", cc.num_prompts)
     annotator = annotator_for(config)
-    module = sampler(config, cc.generation)
+    policy = generator(config, cc.generation)
     torch.manual_seed(config.seed)
 
     annotations: list[dict[str, Any]] = []
@@ -50,8 +50,8 @@ def run_collect(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     ) as bar:
         for start in range(0, len(prompts), cc.batch_size):
             chunk = prompts[start : start + cc.batch_size]
-            with sampling_precision(config, module):
-                completions = module.generate(
+            with sampling_precision(config, policy):
+                completions = policy.generate(
                     chunk,
                     chat_template=config.chat_template,
                     system_prompt=config.system_prompt,

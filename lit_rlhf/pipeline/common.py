@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from contextlib import AbstractContextManager, nullcontext
@@ -14,10 +13,8 @@ import lightning as L
 import torch
 
 from lit_rlhf.judges import BradleyTerryAnnotator, Judge, VaderJudge
-from lit_rlhf.models import LoraOptions
 from lit_rlhf.pipeline.config import PipelineConfig
-from lit_rlhf.rl import PPO, GenerationOptions, RLHFModule
-from lit_rlhf.rl.rollout import full_precision_head
+from lit_rlhf.rl import GenerationOptions, PolicyGenerator
 
 DEFAULT_ANNOTATOR_TEMPERATURE = 0.1
 """Label noise of the default annotator, in VADER units: a score gap of 0.1 is labelled right about 73% of the time."""
@@ -143,21 +140,10 @@ def finite_or_none(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def fresh(component: Any) -> Any:
-    """A new instance for a jsonargparse ``lazy_instance`` default, whose attributes exist only once it is built;
-    anything else unchanged. Also keeps a stateful default (a KL controller) from carrying over between runs."""
-    init_data = getattr(component, "lazy_get_init_data", None)
-    if init_data is None:
-        return component
-    data = init_data().as_dict()
-    module, _, name = data["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**data.get("init_args", {}))
-
-
 def annotator_for(config: PipelineConfig) -> Any:
     """The collect stage's annotator: the configured one, a judge wrapped to prefer its higher score, or the default
     ``BradleyTerryAnnotator(VaderJudge())``."""
-    annotator = fresh(config.collect.annotator)
+    annotator = config.collect.annotator
     if annotator is None:
         return BradleyTerryAnnotator(VaderJudge(), temperature=DEFAULT_ANNOTATOR_TEMPERATURE, seed=config.seed)
     if callable(getattr(annotator, "compare", None)):
@@ -173,8 +159,8 @@ def annotator_for(config: PipelineConfig) -> Any:
 def gold_judge_for(config: PipelineConfig) -> Judge:
     """The evaluation's gold judge: ``evaluate.gold_judge``, else the judge behind the annotator."""
     if config.evaluate.gold_judge is not None:
-        return fresh(config.evaluate.gold_judge)
-    annotator = fresh(config.collect.annotator)
+        return config.evaluate.gold_judge
+    annotator = config.collect.annotator
     if annotator is None:
         return VaderJudge()
     judge = getattr(annotator, "judge", None)
@@ -188,52 +174,35 @@ def gold_judge_for(config: PipelineConfig) -> Judge:
     )
 
 
-def sampler(
-    config: PipelineConfig,
-    generation: GenerationOptions,
-    lora: LoraOptions | None = None,
-    reward: Any | None = None,
-) -> RLHFModule:
-    """An ``RLHFModule`` used only to sample and score (``generate`` / ``rollout(hooks=False)``), never trained.
-
-    Its critic is a single linear head (``value_model="shared"``), the cheapest that ``PPO`` accepts; its KL estimator
-    is ``k1``, so a response's KL is the plain sum of log π − log π_ref over its tokens.
-    """
-    module = RLHFModule(
-        policy=config.policy,
-        reward=reward,
-        algorithm=PPO(),
-        value_model="shared",
-        kl_estimator="k1",
-        generation=generation,
-        lora=lora,
-        dtype=config.dtype,
+def generator(
+    config: PipelineConfig, generation: GenerationOptions, reward: Any | None = None, reference: bool = False
+) -> PolicyGenerator:
+    """A ``PolicyGenerator`` over the pipeline's policy (with the RL stage's weight dtype), in eval mode; with
+    ``reference`` the frozen reference too (LoRA as in RL, so snapshots load onto it)."""
+    lora = config.rl.model.get("lora") if reference else None
+    return PolicyGenerator.load(
+        config.policy, generation, reward, lora=lora, dtype=config.rl.model.get("dtype", "float32"), reference=reference
     )
-    return module.eval()
 
 
-def sampling_precision(config: PipelineConfig, module: RLHFModule) -> AbstractContextManager:
+def sampling_precision(config: PipelineConfig, generator: PolicyGenerator) -> AbstractContextManager:
     """Autocast for sampling outside a Trainer (collect) under ``precision: bf16-mixed``, with the LM head kept in
     float32 as the RL stage keeps it; a no-op context under ``32-true``."""
     if config.precision == "32-true":
         return nullcontext()
-    full_precision_head(module.policy)
-    return torch.autocast(device_type=module.device.type, dtype=torch.bfloat16)
+    generator.models.full_precision_heads()
+    return torch.autocast(device_type=generator.device.type, dtype=torch.bfloat16)
 
 
-def make_trainer(config: PipelineConfig, overrides: dict[str, Any], **settings: Any) -> L.Trainer:
-    """A Trainer with the pipeline's defaults (one device, no logger or Lightning checkpoints: each stage saves
-    its own outputs), then ``settings``, then the user's ``overrides`` from the stage's ``trainer`` field."""
-    options: dict[str, Any] = {
-        "accelerator": "auto",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "enable_progress_bar": config.progress_bar,
-        "precision": config.precision,
+def make_trainer(config: PipelineConfig, options: dict[str, Any], **settings: Any) -> L.Trainer:
+    """A Trainer from a stage's typed ``trainer`` options (the pipeline's defaults already in them), with the stage's
+    own ``settings`` (callbacks, output folder, length); precision and progress bar follow the pipeline's unless the
+    stage sets them."""
+    options = {
+        **options,
+        "precision": options.get("precision") or config.precision,
+        "enable_progress_bar": config.progress_bar
+        if options.get("enable_progress_bar") is None
+        else options["enable_progress_bar"],
     }
-    options.update(settings)
-    options.update(overrides)
-    return L.Trainer(**options)
+    return L.Trainer(**options, **settings)

@@ -1,19 +1,45 @@
-"""The pipeline's configuration: a documented dataclass per stage; jsonargparse turns the docstrings into ``--help``."""
+"""The pipeline's configuration. The training stages' sections are typed from their modules' own signatures
+(``reward:`` holds ``RewardModelModule``'s arguments, ``rl:`` ``RLHFModule``'s, each with a typed ``trainer:``),
+beside a few stage options; the other sections are documented dataclasses. jsonargparse turns it all into ``--help``."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jsonargparse import lazy_instance
+import lightning as L
+from jsonargparse import ArgumentParser, Namespace
 
 from lit_rlhf.judges import BradleyTerryAnnotator, Judge
-from lit_rlhf.models import DType, LoraOptions
-from lit_rlhf.rl.kl import AdaptiveKL, KLController, KLEstimator
-from lit_rlhf.rl.optimizers import PPO, PolicyOptimizer
-from lit_rlhf.rl.rollout import GenerationOptions
+from lit_rlhf.rl.decoding import GenerationOptions
 
-__all__ = ["CollectConfig", "EvaluateConfig", "PipelineConfig", "RLConfig", "ReportConfig", "RewardConfig"]
+__all__ = [
+    "CollectConfig",
+    "EvaluateConfig",
+    "PipelineConfig",
+    "RLConfig",
+    "ReportConfig",
+    "RewardConfig",
+    "add_arguments",
+    "from_namespace",
+    "validate",
+]
+
+TRAINER_OWNED = {"callbacks", "default_root_dir", "max_epochs"}
+"""Trainer arguments each stage sets itself (its callbacks, its output folder, its length in epochs)."""
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+"""The pipeline's Trainer defaults: one device, no logger or Lightning checkpoints (each stage saves its own outputs).
+``precision`` and ``enable_progress_bar`` left unset follow the pipeline's ``precision`` and ``progress_bar``."""
 
 
 @dataclass
@@ -38,36 +64,27 @@ class CollectConfig:
 
 @dataclass
 class RewardConfig:
-    """Stage 2, reward model: a Bradley–Terry reward model (``RewardModelModule``) fitted to the collected pairs."""
+    """Stage 2, reward model: ``RewardModelModule`` fitted to the collected pairs. The section takes every argument
+    of ``RewardModelModule`` (``backbone``, ``lora``, ``learning_rate`` ...), these stage options and ``trainer``."""
 
-    backbone: str = "all-minilm-l6-v2"
-    """Reward-model trunk: bundled name, hub id or path (any one-label sequence classifier or a causal LM)."""
     max_length: int = 128
     """Token budget per (prompt, response), in training and when the RL stage scores; the prompt is cut first."""
     batch_size: int = 16
     """Pairs per training batch."""
     epochs: int = 2
     """Passes over the training pairs."""
-    learning_rate: float = 5e-5
-    """Peak learning rate (AdamW, linear warm-up and decay)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    warmup_ratio: float = 0.1
-    """Share of the optimizer steps spent warming up."""
-    center_rewards_coefficient: float = 0.01
-    """Weight of the term that keeps rewards centred on 0, so the RL stage sees a stable scale; 0 turns it off."""
-    lora: LoraOptions | None = None
-    """LoRA adapters on the backbone instead of training every weight."""
     score_batch_size: int = 32
     """Texts per forward pass when the exported reward model scores (held-out pairs, RL, evaluation)."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """``RewardModelModule``'s keyword arguments (the section's other keys)."""
     trainer: dict[str, Any] = field(default_factory=dict)
-    """Extra ``lightning.Trainer`` keyword arguments (``accelerator``, ``devices``, ``precision``, ``strategy`` ...);
-    they override the pipeline's own settings."""
+    """``lightning.Trainer`` keyword arguments (``accelerator``, ``devices``, ``strategy`` ...) over the pipeline's."""
 
 
 @dataclass
 class RLConfig:
-    """Stage 3, RL: fine-tune the policy against the learned reward model (``RLHFModule``) with a KL penalty."""
+    """Stage 3, RL: ``RLHFModule`` against the learned reward model, with a KL penalty. The section takes every
+    argument of ``RLHFModule`` (a recipe's ``model:`` block pastes here), these stage options and ``trainer``."""
 
     iterations: int = 40
     """RL iterations: each samples ``batch_size`` prompts, scores them and updates the policy."""
@@ -75,41 +92,15 @@ class RLConfig:
     """Prompts per iteration."""
     num_prompts: int | None = None
     """Use only the first this many training prompts; None uses all of them."""
-    algorithm: PolicyOptimizer = field(default_factory=lambda: lazy_instance(PPO, epochs=2))
-    """The RL algorithm by ``class_path``: ``lit_rlhf.rl.PPO``, ``A2C``, ``NLPO`` or your own ``PolicyOptimizer``."""
-    kl: KLController = field(default_factory=lambda: lazy_instance(AdaptiveKL, init_coef=0.1, target=3.0, horizon=2000))
-    """KL coefficient controller: ``lit_rlhf.rl.AdaptiveKL`` (Ziegler et al. 2019) or ``lit_rlhf.rl.FixedKL``."""
-    kl_estimator: KLEstimator = "k1"
-    """Per-token KL estimator in the penalty: ``k1`` (log π − log π_ref) or ``k3``."""
-    generation: GenerationOptions = field(default_factory=lambda: GenerationOptions(max_new_tokens=32))
-    """How rollouts are sampled (length, temperature, samples per prompt); evaluation samples the same way."""
-    lora: LoraOptions | None = field(default_factory=LoraOptions)
-    """LoRA adapters on the policy (the reference is the same model with the adapter off); None trains every weight
-    and keeps a frozen copy as the reference."""
-    value_model: Literal["separate", "shared", "none"] | None = "shared"
-    """The critic: ``shared`` (a head on the policy's last hidden state: cheapest on a CPU), ``separate`` (its own
-    trunk) or ``none``; None lets the algorithm decide."""
-    learning_rate: float = 1e-4
-    """Learning rate of the policy's trainable weights."""
-    value_learning_rate: float | None = None
-    """Learning rate of the critic; None uses ``learning_rate``."""
-    scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning-rate schedule over the ``iterations``: ``linear`` / ``cosine`` decay to 0 at the last one."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm before each step; None disables."""
-    normalize_reward: bool = True
-    """Standardise reward-model scores with running statistics (a learned reward's scale is arbitrary)."""
-    reward_clip: float | None = None
-    """Clip scores to [−reward_clip, reward_clip] after normalisation; None disables."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of responses that run out of tokens without stopping; None disables."""
     checkpoint_every: int = 10
     """Save a policy snapshot (the LoRA adapter, or the full model without LoRA) every this many iterations; the
     last iteration is always saved. Evaluation compares them all."""
     export_final: bool = True
     """Also save the final policy as a plain transformers checkpoint (LoRA merged) in ``rl/hf/final``."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """``RLHFModule``'s keyword arguments (the section's other keys; ``policy`` is the pipeline's)."""
     trainer: dict[str, Any] = field(default_factory=dict)
-    """Extra ``lightning.Trainer`` keyword arguments; they override the pipeline's own settings."""
+    """``lightning.Trainer`` keyword arguments over the pipeline's."""
 
 
 @dataclass
@@ -157,8 +148,6 @@ class PipelineConfig:
     """System message put before every prompt."""
     max_prompt_length: int = 128
     """Longest prompt in policy tokens; longer prompts lose their beginning."""
-    dtype: DType = "float32"
-    """Weight dtype of the policy."""
     precision: Literal["32-true", "bf16-mixed"] = "32-true"
     """Compute precision of the training stages (the Trainer's ``precision``) and of collect's sampling. ``bf16-mixed``
     keeps float32 weights and LM head and runs the rest under bfloat16 autocast: faster on GPUs and on CPUs with bf16
@@ -181,3 +170,109 @@ class PipelineConfig:
     """Stage 4 settings."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """Stage 5 settings."""
+
+
+def _training_sections() -> dict[str, tuple[type, type, set[str], dict[str, Any]]]:
+    """section -> (its options dataclass, the LightningModule whose arguments it holds, arguments the pipeline sets
+    itself, the section's own Trainer defaults). ``add_arguments`` links the arguments derived from others."""
+    from lit_rlhf.reward import RewardModelModule
+    from lit_rlhf.rl import RLHFModule
+
+    return {
+        "reward": (RewardConfig, RewardModelModule, set(), {}),
+        # The policy is the pipeline's. No validation loop: evaluation is its own stage, on every snapshot.
+        "rl": (RLConfig, RLHFModule, {"policy"}, {"limit_val_batches": 0}),
+    }
+
+
+def add_arguments(parser: ArgumentParser) -> None:
+    """Every option of ``PipelineConfig`` (docstrings as help), the training stages' module and Trainer arguments
+    included, with the links that derive the RL stage's seed and schedule length."""
+    sections = _training_sections()
+    later = {"evaluate": EvaluateConfig, "report": ReportConfig}  # added after the training stages: pipeline order
+    parser.add_class_arguments(PipelineConfig, nested_key=None, fail_untyped=True, skip=set(sections) | set(later))
+    for key, (options, module, owned, trainer_defaults) in sections.items():
+        parser.add_class_arguments(module, key, skip=owned, instantiate=False, sub_configs=True)
+        _add_dataclass_fields(parser, options, key, skip={"model", "trainer"})
+        trainer = f"{key}.trainer"
+        parser.add_class_arguments(L.Trainer, trainer, skip=TRAINER_OWNED, instantiate=False, sub_configs=True)
+        defaults = {**TRAINER_DEFAULTS, **trainer_defaults}
+        parser.set_defaults({f"{trainer}.{name}": value for name, value in defaults.items()})
+    for key, options in later.items():
+        parser.add_class_arguments(options, key, fail_untyped=True)
+    parser.add_argument(
+        "--rl.policy",
+        type=str | None,
+        default=None,
+        help="The top-level policy is trained; accepted here only so that a recipe's model: block pastes as it is.",
+    )
+    # Derived, so never set by hand: the rollouts' seed is the run's, the schedule spans the RL stage.
+    parser.link_arguments("seed", "rl.rollout_seed")
+    parser.link_arguments("rl.iterations", "rl.schedule_iterations")
+
+
+def _add_dataclass_fields(parser: ArgumentParser, cls: type, key: str, skip: set[str]) -> None:
+    """The fields of ``cls`` as ``--{key}.{field}`` options in an existing group (jsonargparse allows one class
+    group per key), with the types and attribute docstrings jsonargparse would give them."""
+    from docstring_parser import parse_from_object
+
+    hints = typing.get_type_hints(cls)
+    docs = {param.arg_name: param.description for param in parse_from_object(cls).params}
+    for item in dataclasses.fields(cls):
+        if item.name not in skip:
+            parser.add_argument(
+                f"--{key}.{item.name}", type=hints[item.name], default=item.default, help=docs[item.name]
+            )
+
+
+def from_namespace(init: Namespace) -> PipelineConfig:
+    """The typed configuration from a parsed and instantiated namespace."""
+    values = {f.name: init[f.name] for f in dataclasses.fields(PipelineConfig) if f.name in init}
+    for key, (options, *_) in _training_sections().items():
+        section = vars(init[key]).copy()
+        trainer = vars(section.pop("trainer")).copy()
+        stage = {f.name: section.pop(f.name) for f in dataclasses.fields(options) if f.name in section}
+        values[key] = options(**stage, model=section, trainer=trainer)
+    return PipelineConfig(**values)
+
+
+def validate(config: PipelineConfig) -> None:
+    """Fail before the first stage runs on settings that would fail later, naming the keys as the user wrote them:
+    stage options out of range, module arguments that cannot work together, Trainer options Lightning rejects."""
+    from lit_rlhf.finetuning import check_finetuning_arguments
+    from lit_rlhf.rl.checks import check_arguments
+
+    for key, value, low in (
+        ("collect.generation.num_samples", config.collect.generation.num_samples, 2),
+        ("collect.batch_size", config.collect.batch_size, 1),
+        ("reward.batch_size", config.reward.batch_size, 1),
+        ("reward.epochs", config.reward.epochs, 1),
+        ("reward.max_length", config.reward.max_length, 2),
+        ("rl.iterations", config.rl.iterations, 1),
+        ("rl.batch_size", config.rl.batch_size, 1),
+        ("rl.checkpoint_every", config.rl.checkpoint_every, 1),
+        ("evaluate.samples_per_prompt", config.evaluate.samples_per_prompt, 1),
+        ("max_prompt_length", config.max_prompt_length, 1),
+    ):
+        if value < low:
+            raise ValueError(f"{key} must be >= {low}, got {value}.")
+    if not 0.0 <= config.collect.val_fraction < 1.0:
+        raise ValueError(f"collect.val_fraction must be in [0, 1), got {config.collect.val_fraction}.")
+    if config.rl.model.get("policy") not in (None, config.policy):
+        raise ValueError(
+            f"rl.policy ({config.rl.model['policy']}) is not the pipeline's policy ({config.policy}): every stage "
+            "samples, trains and evaluates one policy; set the top-level policy instead."
+        )
+    check_finetuning_arguments(config.reward.model, prefix="reward.")
+    check_arguments({**config.rl.model, "policy": config.policy}, prefix="rl.")
+    quiet = logging.getLogger("lightning.pytorch")
+    level, quiet.level = quiet.level, logging.WARNING  # Trainer() announces its accelerator on every call
+    try:
+        for key in ("reward", "rl"):
+            trainer = copy.deepcopy(getattr(config, key).trainer)  # a Trainer takes ownership of strategy objects
+            try:
+                L.Trainer(**{**trainer, "precision": trainer.get("precision") or config.precision})
+            except Exception as error:
+                raise ValueError(f"{key}.trainer: {error}") from error
+    finally:
+        quiet.level = level

@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 from lit_rlhf.data import PromptDataModule
 from lit_rlhf.judges import judge_scores
 from lit_rlhf.metrics import DistinctN, WinRate, elo_ratings, sequence_perplexity
-from lit_rlhf.pipeline.common import RunPaths, finite_or_none, gold_judge_for, sampler, write_json, write_jsonl
+from lit_rlhf.pipeline.common import RunPaths, finite_or_none, generator, gold_judge_for, write_json, write_jsonl
 from lit_rlhf.pipeline.config import PipelineConfig
 from lit_rlhf.pipeline.rl import list_snapshots, snapshot_iteration
 from lit_rlhf.reward import RewardModel
-from lit_rlhf.rl import RLHFModule
+from lit_rlhf.rl import PolicyGenerator
+from lit_rlhf.rl.kl import kl_k1
 
 INITIAL = "initial"
 ELO_PRIOR_DRAWS = 1.0
@@ -43,15 +44,15 @@ def elo_matches(gold: dict[str, torch.Tensor]) -> list[tuple[str, str, float]]:
 
 
 class _Weights:
-    """Puts a snapshot's policy weights into the evaluation module, and the initial ones back."""
+    """Puts a snapshot's policy weights into the evaluated policy, and the initial ones back."""
 
-    def __init__(self, module: RLHFModule) -> None:
+    def __init__(self, policy: torch.nn.Module) -> None:
         from peft import PeftModel, get_peft_model_state_dict
 
-        self.module = module
-        self.lora = isinstance(module.policy, PeftModel)
+        self.policy = policy
+        self.lora = isinstance(policy, PeftModel)
         # A fresh LoRA adapter is the identity (B = 0), so its state is the initial policy.
-        state = get_peft_model_state_dict(module.policy) if self.lora else module.policy.state_dict()
+        state = get_peft_model_state_dict(policy) if self.lora else policy.state_dict()
         self.initial = {key: value.detach().clone() for key, value in state.items()}
 
     def load(self, snapshot: Path | None) -> None:
@@ -59,10 +60,10 @@ class _Weights:
 
         if self.lora:
             state = self.initial if snapshot is None else _adapter_state(snapshot)
-            set_peft_model_state_dict(self.module.policy, state)
+            set_peft_model_state_dict(self.policy, state)
         else:
             state = self.initial if snapshot is None else _full_state(snapshot)
-            self.module.policy.load_state_dict(state)
+            self.policy.load_state_dict(state)
 
 
 def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -91,9 +92,9 @@ def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     reward = RewardModel(
         str(paths.reward_model), batch_size=config.reward.score_batch_size, max_length=config.reward.max_length
     )
-    generation = dataclasses.replace(config.rl.generation, num_samples=ec.samples_per_prompt)
-    module = sampler(config, generation, lora=config.rl.lora, reward=reward)
-    weights = _Weights(module)
+    generation = dataclasses.replace(config.rl.model["generation"], num_samples=ec.samples_per_prompt)
+    policy = generator(config, generation, reward, reference=True)
+    weights = _Weights(policy.models.policy)
     data = PromptDataModule(
         tokenizer=config.policy,
         path=config.heldout_prompts,
@@ -122,7 +123,7 @@ def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
             torch.manual_seed(config.seed)  # the same random stream for every checkpoint: less noise in comparisons
             rows = []
             for batch in loader:
-                rows += _score_batch(module, batch, gold_judge, name, iteration, ec.samples_per_prompt)
+                rows += _score_batch(policy, batch, gold_judge, name, iteration, ec.samples_per_prompt)
                 bar.update(1)
             gold[name] = torch.tensor([r["gold_reward"] for r in rows])
             samples += rows
@@ -169,29 +170,30 @@ def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
 @torch.no_grad()
 def _score_batch(
-    module: RLHFModule, batch: dict[str, Any], gold_judge: Any, name: str, iteration: int, samples_per_prompt: int
+    policy: PolicyGenerator, batch: dict[str, Any], gold_judge: Any, name: str, iteration: int, samples_per_prompt: int
 ) -> list[dict[str, Any]]:
     """Sample one batch of prompts (``samples_per_prompt`` each) and measure every sample."""
-    rollout = module.rollout(batch, hooks=False)
-    experience = rollout.experience
-    mask = experience.response_mask
-    kl = experience.kl.sum(-1)  # k1 tokens, zero after the stop: log π(y|x) − log π_ref(y|x)
-    perplexity = sequence_perplexity(experience.ref_logprobs, mask)
-    gold = judge_scores(gold_judge, rollout.prompts, rollout.completions)
+    rollout = policy.rollout(batch)
+    samples = rollout.samples
+    mask = samples.response_mask
+    # k1 over the response, zero after the stop: log π(y|x) − log π_ref(y|x)
+    kl = (kl_k1(rollout.outputs.logprobs, rollout.ref_logprobs) * mask).sum(-1)
+    perplexity = sequence_perplexity(rollout.ref_logprobs, mask)
+    gold = judge_scores(gold_judge, samples.prompts, samples.completions)
     return [
         {
             "checkpoint": name,
             "iteration": iteration,
-            "prompt": rollout.prompts[i],
+            "prompt": samples.prompts[i],
             "sample": i % samples_per_prompt,
-            "completion": rollout.completions[i],
+            "completion": samples.completions[i],
             "gold_reward": float(gold[i]),
             "proxy_reward": float(rollout.raw_scores[i]),
             "kl": float(kl[i]),
             "ref_perplexity": finite_or_none(float(perplexity[i])),
             "length": int(mask[i].sum()),
         }
-        for i in range(len(rollout.completions))
+        for i in range(len(samples.completions))
     ]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from lit_rlhf.pipeline.common import RunPaths, read_json
 from lit_rlhf.pipeline.config import PipelineConfig
-from lit_rlhf.report import Section, plot_curves, plot_gold_vs_proxy, read_jsonl, sample_rows, write_report
+from lit_rlhf.reporting import Section, plot_curves, plot_gold_vs_proxy, read_jsonl, sample_rows, write_report
 
 CURVES = {
     "objective/score": "proxy reward (RM)",
@@ -199,7 +199,7 @@ def run_report(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         sections,
         title=f"RLHF pipeline report: {config.name}",
         intro=(
-            f"Policy `{config.policy}`, reward model on `{config.reward.backbone}`, annotator "
+            f"Policy `{config.policy}`, reward model on `{config.reward.model['backbone']}`, annotator "
             f"`{collect['annotator']}`. Stages: collect preferences → reward model → RL → evaluate. "
             f"Configuration: `config.yaml`; `lit-rlhf pipeline --config {paths.root / 'config.yaml'}` reruns whatever "
             "is out of date."

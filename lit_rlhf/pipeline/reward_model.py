@@ -10,7 +10,7 @@ import torch
 from lit_rlhf.data import PreferenceDataModule, read_preferences
 from lit_rlhf.pipeline.common import RunPaths, make_trainer
 from lit_rlhf.pipeline.config import PipelineConfig
-from lit_rlhf.report import read_jsonl
+from lit_rlhf.reporting import read_jsonl
 from lit_rlhf.reward import RewardModel, RewardModelModule
 
 
@@ -25,9 +25,10 @@ def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 def run_reward(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Train ``RewardModelModule`` on ``collect/train.jsonl``, export it to ``reward/model``, score held-out pairs."""
     rc = config.reward
+    backbone = rc.model["backbone"]
     has_val = bool(read_preferences(paths.val_pairs))
     data = PreferenceDataModule(
-        tokenizer=rc.backbone,
+        tokenizer=backbone,
         train_path=str(paths.train_pairs),
         val_path=str(paths.val_pairs) if has_val else None,
         max_length=rc.max_length,
@@ -35,20 +36,13 @@ def run_reward(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         seed=config.seed,
     )
     L.seed_everything(config.seed, verbose=False)
-    module = RewardModelModule(
-        backbone=rc.backbone,
-        lora=rc.lora,
-        learning_rate=rc.learning_rate,
-        weight_decay=rc.weight_decay,
-        warmup_ratio=rc.warmup_ratio,
-        center_rewards_coefficient=rc.center_rewards_coefficient,
-    )
+    module = RewardModelModule(**rc.model)
     trainer = make_trainer(config, rc.trainer, max_epochs=rc.epochs, default_root_dir=str(paths.reward))
     trainer.fit(module, datamodule=data)
     module.export(paths.reward_model)
 
     summary: dict[str, Any] = {
-        "backbone": rc.backbone,
+        "backbone": backbone,
         "train_pairs": len(data.examples["train"]),
         "val_pairs": len(data.examples.get("val", [])),
         "epochs": trainer.current_epoch,

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lit_rlhf.callbacks import HFExportCallback, MetricsHistory, SampleTable
 from lit_rlhf.data import PromptDataModule
-from lit_rlhf.models import export_pretrained
-from lit_rlhf.pipeline.common import RunPaths, fresh, make_trainer
+from lit_rlhf.finetuning import export_pretrained
+from lit_rlhf.pipeline.common import RunPaths, make_trainer
 from lit_rlhf.pipeline.config import PipelineConfig
 from lit_rlhf.reward import RewardModel
 from lit_rlhf.rl import RLHFModule
@@ -98,34 +98,14 @@ class StopAfterIterations(Callback):
 
 
 def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Fine-tune the policy against ``reward/model``; write ``rl/metrics.jsonl``, ``rl/checkpoints/iter-*`` and,
-    with ``rl.export_final``, ``rl/hf/final``."""
+    """Fine-tune the policy against ``reward/model`` (or ``rl.reward``); write ``rl/metrics.jsonl``,
+    ``rl/checkpoints/iter-*`` and, with ``rl.export_final``, ``rl/hf/final``."""
     rc = config.rl
-    reward = RewardModel(
+    reward = rc.model.get("reward") or RewardModel(
         str(paths.reward_model), batch_size=config.reward.score_batch_size, max_length=config.reward.max_length
     )
     L.seed_everything(config.seed, verbose=False)
-    algorithm = fresh(rc.algorithm)
-    module = RLHFModule(
-        policy=config.policy,
-        reward=reward,
-        algorithm=algorithm,
-        kl=fresh(rc.kl),
-        kl_estimator=rc.kl_estimator,
-        generation=rc.generation,
-        lora=rc.lora,
-        value_model=rc.value_model,
-        learning_rate=rc.learning_rate,
-        value_learning_rate=rc.value_learning_rate,
-        scheduler=rc.scheduler,
-        schedule_iterations=rc.iterations,
-        max_grad_norm=rc.max_grad_norm,
-        missing_eos_penalty=rc.missing_eos_penalty,
-        reward_clip=rc.reward_clip,
-        normalize_reward=rc.normalize_reward,
-        dtype=config.dtype,
-        rollout_seed=config.seed,
-    )
+    module = RLHFModule(**{**rc.model, "policy": config.policy, "reward": reward})
     data = PromptDataModule(
         tokenizer=config.policy,
         path=config.train_prompts,
@@ -139,14 +119,16 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     )
     data.setup("fit")
     batches_per_epoch = len(data.train_dataloader())
-    steps_per_iteration = algorithm.epochs * algorithm.num_minibatches
+    schedule = module.algorithm.schedule
     snapshots = PolicySnapshots(paths.snapshots, rc.checkpoint_every)
     history = MetricsHistory(dirpath=str(paths.rl))
     callbacks: list[Callback] = [
         StopAfterIterations(rc.iterations),
         snapshots,
         history,
-        SampleTable(dirpath=str(paths.rl), every_n_steps=rc.checkpoint_every * steps_per_iteration),
+        SampleTable(
+            dirpath=str(paths.rl), every_n_steps=rc.checkpoint_every * schedule.epochs * schedule.num_minibatches
+        ),
     ]
     if rc.export_final:
         callbacks.append(HFExportCallback(dirpath=str(paths.rl / "hf"), on_train_end=True))
@@ -154,7 +136,6 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         config,
         rc.trainer,
         max_epochs=math.ceil(rc.iterations / batches_per_epoch),
-        limit_val_batches=0,  # evaluation is its own stage, on every snapshot
         default_root_dir=str(paths.rl),
         callbacks=callbacks,
     )
@@ -166,7 +147,7 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         "prompts_per_iteration": rc.batch_size,
         "train_prompts": len(data.datasets["train"]),
         "optimizer_steps": trainer.global_step,
-        "algorithm": type(algorithm).__name__,
+        "algorithm": type(module.algorithm).__name__,
         "final_kl_coef": module.kl.coef,
         "last": {k: last[k] for k in ("objective/score", "objective/kl", "response/length") if k in last},
         "snapshots": [p.name for p in snapshots.saved],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -16,11 +15,11 @@ from typing import Any
 
 import torch
 import yaml
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, set_parsing_settings
 
 from lit_rlhf.pipeline.collect import run_collect
 from lit_rlhf.pipeline.common import RunPaths, read_json, write_json
-from lit_rlhf.pipeline.config import PipelineConfig
+from lit_rlhf.pipeline.config import PipelineConfig, add_arguments, from_namespace, validate
 from lit_rlhf.pipeline.evaluate import run_evaluate
 from lit_rlhf.pipeline.report import run_report
 from lit_rlhf.pipeline.reward_model import run_reward
@@ -72,7 +71,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--config", action=ActionConfigFile, help="A pipeline recipe (YAML), e.g. recipes/pipeline/demo.yaml."
     )
-    parser.add_class_arguments(PipelineConfig, nested_key=None, fail_untyped=True)
+    add_arguments(parser)
     parser.add_argument(
         "--stages",
         type=str | None,
@@ -182,10 +181,6 @@ def run_pipeline(
     return status
 
 
-def _config_from(init: Namespace) -> PipelineConfig:
-    return PipelineConfig(**{f.name: init[f.name] for f in dataclasses.fields(PipelineConfig)})
-
-
 def main(argv: list[str] | None = None) -> None:
     """``lit-rlhf pipeline [STAGE] --config FILE [--output_dir DIR] [--stages a,b] [--force]``."""
     parser = build_parser()
@@ -194,8 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         stages = select_stages(raw.stage, raw.stages)
     except ValueError as err:
         parser.error(str(err))
-    init = parser.instantiate_classes(raw)
-    config = _config_from(init)
+    config = from_namespace(parser.instantiate_classes(raw))
+    try:
+        validate(config)
+    except ValueError as err:
+        parser.error(str(err))
     config_only = raw.clone()
     for key in ("stage", "stages", "force", "config", "__path__"):
         config_only.pop(key, None)
