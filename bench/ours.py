@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, `rloo` when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -53,15 +53,12 @@ def quiet_trainer(callbacks: list[L.Callback], precision: str = "fp32", **kwargs
 def run_rl(cfg: dict[str, Any]) -> dict[str, Any]:
     from lit_rlhf.data.prompts import PromptDataModule
     from lit_rlhf.judges import VaderJudge
-    from lit_rlhf.rl import GenerationOptions, RLHFModule
+    from lit_rlhf.rl import PPO, RLOO, GenerationOptions, RLHFModule
     from lit_rlhf.rl.kl import FixedKL
-    from lit_rlhf.rl.optimizers import PPO
 
     if cfg["algorithm"] == "ppo":
         algorithm, value_model = PPO(epochs=cfg["epochs"], num_minibatches=1), cfg.get("value_model", "separate")
     else:
-        from rloo import RLOO
-
         algorithm, value_model = RLOO(), "none"
     torch.manual_seed(cfg["seed"])
     module = RLHFModule(
@@ -94,7 +91,7 @@ def run_rl(cfg: dict[str, Any]) -> dict[str, Any]:
     prompt = clock.batches[-1]["input_ids"].shape[1]
     reused = module.update_reuses_rollout_forward()
     flops = rl_iteration_flops(
-        trunk, head, rows, prompt, cfg["max_new_tokens"], algorithm.epochs, module.value_mode, True, reused
+        trunk, head, rows, prompt, cfg["max_new_tokens"], algorithm.schedule.epochs, value_model, True, reused
     )
     return {**timing, "flops_per_iteration": flops, "achieved_flops": flops / timing["seconds_per_iteration"]}
 
@@ -178,12 +175,10 @@ def run_sft(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_generation(cfg: dict[str, Any]) -> dict[str, Any]:
-    from rloo import RLOO
+    from lit_rlhf.rl import GenerationOptions, PolicyGenerator
 
-    from lit_rlhf.rl import GenerationOptions, RLHFModule
-
-    module = RLHFModule(cfg["model"], reward=None, algorithm=RLOO(), value_model="none")
     options = GenerationOptions(max_new_tokens=cfg["max_new_tokens"], do_sample=False)
+    module = PolicyGenerator.load(cfg["model"], options, reference=False)
     durations, counts = [], []
     for _ in range(cfg["repeats"]):
         start = time.perf_counter()

@@ -4,7 +4,7 @@ the module, not by editing it): ``python bench/profile_rl.py [--tiny] [--variant
 A variant is ``baseline`` or options joined by ``+``: ``unfused`` (log-probs and entropy from two log-softmaxes, as
 before the fused ``logprobs_and_entropy``), ``shared`` (critic head on the policy trunk: one forward gives log-probs
 and values, instead of a separate critic), ``bf16`` (the Trainer's ``precision="bf16-mixed"``: bfloat16 autocast,
-LM head in float32), ``loopadam`` (torch's default AdamW, a loop over tensors, as before ``optim.adamw`` fused it),
+LM head in float32), ``loopadam`` (torch's default AdamW, a loop over tensors, as before ``finetuning.adamw`` fused it),
 ``generate`` (``rollout_backend: hf``, transformers' ``generate``, as before the native decoding loop),
 ``recompute`` (the update recomputes the policy forward instead of reusing the rollout's). ``baseline`` is PPO with
 a separate critic in float32, fused log-softmax, fused AdamW, native sampling, the rollout's forward reused.
@@ -70,10 +70,10 @@ def build(options: set[str], tiny: bool):
     )
     module.reuse_rollout_forward = "recompute" not in options
     if "unfused" in options:
-        import lit_rlhf.rl.module as module_file
-        from lit_rlhf.rl.rollout import entropy_from_logits, logprobs_from_logits
+        import lit_rlhf.rl.policy as policy_file
+        from lit_rlhf.rl.policy import entropy_from_logits, logprobs_from_logits
 
-        module_file.logprobs_and_entropy = lambda logits, tokens: (
+        policy_file.logprobs_and_entropy = lambda logits, tokens: (
             logprobs_from_logits(logits, tokens),
             entropy_from_logits(logits),
         )
@@ -81,29 +81,30 @@ def build(options: set[str], tiny: bool):
 
 
 def profile(variant: str, tiny: bool, iterations: int) -> dict[str, Any]:
-    import lit_rlhf.rl.module as module_file
+    import lit_rlhf.rl.policy as policy_file
 
     SECTIONS.clear()
     options = set() if variant == "baseline" else set(variant.split("+"))
     unknown = options - {"unfused", "shared", "bf16", "loopadam", "generate", "recompute"}
     if unknown:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {variant!r}")
-    fused = module_file.logprobs_and_entropy
+    fused = policy_file.logprobs_and_entropy
     try:
         return _profile(build(options, tiny), variant, options, tiny, iterations)
     finally:
-        module_file.logprobs_and_entropy = fused  # undo ``unfused`` for the next variant
+        policy_file.logprobs_and_entropy = fused  # undo ``unfused`` for the next variant
 
 
 def _profile(module: Any, variant: str, options: set[str], tiny: bool, iterations: int) -> dict[str, Any]:
     import lightning as L
 
+    import lit_rlhf.rl.generation as generation_file
     from lit_rlhf.data.prompts import PromptDataModule
     from lit_rlhf.models import resolve
 
-    timed(module, "_sample", "generate")
-    timed(module, "score", "reward (decode + VADER)")
-    timed(module, "reference_logprobs", "reference forward")
+    timed(module.generator, "finish", "decode")
+    timed(generation_file, "score", "reward (VADER)")
+    timed(module.models, "reference_logprobs", "reference forward")
     # The phase is where a forward is called from, not whether autograd is on: a rollout may keep its forward's
     # graph for the update (``RLHFModule.reuse_rollout_forward``).
     phase = ["rollout"]
@@ -118,26 +119,29 @@ def _profile(module: Any, variant: str, options: set[str], tiny: bool, iteration
             phase[0] = "rollout"
 
     module._update = timed_update
-    if module.value_model is not None:
-        critic_forward = module.value_model.forward
+    if module.models.value_model is not None:
+        critic_forward = module.models.value_model.forward
 
         def critic(*args, **kwargs):
             with section(f"critic forward ({phase[0]})"):
                 return critic_forward(*args, **kwargs)
 
-        module.value_model.forward = critic
-    original_outputs = module.policy_outputs
+        module.models.value_model.forward = critic
+    original_outputs = module.models.outputs
 
     def policy_outputs(*args, **kwargs):
         with section(f"policy forward ({phase[0]})"):
             return original_outputs(*args, **kwargs)
 
-    module.policy_outputs = policy_outputs
+    module.models.outputs = policy_outputs
     data = PromptDataModule(resolve("tiny-llama" if tiny else "smollm2-135m-instruct"), batch_size=8, shuffle=False)
     durations: list[float] = []
     metrics: list[dict[str, float]] = []
 
     class Clock(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            timed(pl_module.generator.sampler, "sample", "generate")  # the sampler the module chose in setup
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.start = time.perf_counter()
 
