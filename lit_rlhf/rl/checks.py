@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.rl.optimizers import PPO
@@ -83,3 +86,40 @@ def upgrade_checkpoint(checkpoint: dict[str, Any]) -> None:
     algorithm = checkpoint.get("rlhf", {}).pop("algorithm", None) or {}
     for key, value in algorithm.get("masked_policy", {}).items():
         state[f"algorithm.masked.{key}"] = value
+
+
+def upgrade_checkpoint_file(source: str | Path, target: str | Path) -> Path:
+    """Rewrite a checkpoint written by lit_rlhf 0.1 in today's layout (``upgrade_checkpoint``) so that it loads with
+    ``torch.load(weights_only=True)`` and resumes with ``trainer.fit(module, ckpt_path=target)``.
+
+    A module built in Python pickled its arguments (reward, algorithm, options) into the hyperparameters, with
+    classes that have since moved; they are replaced by their class names. ``load_from_checkpoint`` then needs those
+    arguments again (``RLHFModule.load_from_checkpoint(target, reward=..., algorithm=...)``).
+    """
+    import pickle
+
+    class Placeholder:
+        """Stands for an object of a lit_rlhf class while the file is read; its state is dropped."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def __setstate__(self, state: Any) -> None:
+            pass
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module.startswith("lit_rlhf."):
+                return type(name, (Placeholder,), {"path": f"{module}.{name}"})
+            return super().find_class(module, name)
+
+    reader = ModuleType("lit_rlhf_0_1_pickle")  # torch.load takes a pickle-like module
+    reader.Unpickler, reader.load = Unpickler, lambda handle, **kwargs: Unpickler(handle, **kwargs).load()
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False, pickle_module=reader)
+    hparams = checkpoint.get("hyper_parameters", {})
+    for key, value in hparams.items():
+        if isinstance(value, Placeholder):
+            hparams[key] = value.path
+    upgrade_checkpoint(checkpoint)
+    torch.save(checkpoint, target)
+    return Path(target)
