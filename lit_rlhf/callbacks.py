@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.finetuning import export_pretrained
@@ -69,6 +70,11 @@ class HFExportCallback(pl.Callback):
             raise TypeError(
                 f"HFExportCallback needs {type(pl_module).__name__}.export_model() -> (model, tokenizer) to find the "
                 "model to save; implement it on the LightningModule or remove the callback."
+            )
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "HFExportCallback exports from rank 0 alone, which cannot gather FSDP shards: remove it and export the "
+                "checkpoint afterwards with `lit-rlhf export STAGE CKPT OUT` (see docs/scaling.md)."
             )
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path | None:

@@ -105,13 +105,6 @@ def check_strategy(module: L.LightningModule, quantised: bool) -> None:
             "FSDPStrategy cannot shard bitsandbytes-quantised weights (load_in_8bit / load_in_4bit): use "
             "strategy: ddp for QLoRA, or drop the quantisation under FSDP."
         )
-    from lit_rlhf.callbacks import HFExportCallback
-
-    if any(isinstance(callback, HFExportCallback) for callback in trainer.callbacks):
-        raise ValueError(
-            "HFExportCallback exports from rank 0 alone, which cannot gather FSDP shards: remove it and export the "
-            "checkpoint afterwards with `lit-rlhf export STAGE CKPT OUT` (see docs/scaling.md)."
-        )
 
 
 def _import_class(path: str) -> type:
