@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import torch
 
+from lit_rlhf.rewards import SentimentReward
+
 __all__ = ["BradleyTerryAnnotator", "Judge", "Preference", "VaderJudge", "judge_scores", "preference_probability"]
 
 
@@ -38,30 +40,16 @@ def judge_scores(judge: Judge, prompts: Sequence[str], completions: Sequence[str
     return scores
 
 
-class VaderJudge:
-    """Gold judge: the VADER compound sentiment of the completion, in [−1, 1] (Hutto & Gilbert, ICWSM 2014).
+class VaderJudge(SentimentReward):
+    """Gold judge: VADER's compound sentiment of the completion, in [−1, 1] (``SentimentReward`` aimed at positive
+    text), playing the "true human preference" in simulated-feedback runs: more positive text is better.
 
-    A rule-based, deterministic scorer that plays the "true human preference" in simulated-feedback runs: more
-    positive text is better. The prompt is ignored. It has the signature of a reward, so it can also be the RL reward
-    directly (``class_path: lit_rlhf.judges.VaderJudge``).
+    Rule-based and deterministic. It has the signature of a reward, so it can also be the RL reward directly
+    (``class_path: lit_rlhf.judges.VaderJudge``).
     """
 
     def __init__(self) -> None:
-        self._analyzer = None
-
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        """Score each completion. Shape: (N,) float32."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"VaderJudge: {len(prompts)} prompts but {len(completions)} completions.")
-        if self._analyzer is None:  # built on first use so that the judge pickles cheaply to workers
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-            self._analyzer = SentimentIntensityAnalyzer()
-        scores = [self._analyzer.polarity_scores(text)["compound"] for text in completions]
-        return torch.tensor(scores, dtype=torch.float32)
-
-    def __getstate__(self) -> dict:
-        return {"_analyzer": None}
+        super().__init__("positive")
 
 
 def preference_probability(scores_a: torch.Tensor, scores_b: torch.Tensor, temperature: float) -> torch.Tensor:

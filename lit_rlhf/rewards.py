@@ -127,18 +127,27 @@ class KeywordReward:
 class SentimentReward:
     """VADER's compound sentiment score of the completion, in [-1, 1] (Hutto & Gilbert 2014; ``vaderSentiment``).
 
+    The prompt is ignored. The analyzer is built on first use and left out of pickles, so the reward copies cheaply
+    to worker processes.
+
     Args:
         target: ``positive`` rewards positive text; ``negative`` flips the sign.
     """
 
     def __init__(self, target: Literal["positive", "negative"] = "positive") -> None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
         if target not in ("positive", "negative"):
             raise ValueError(f"SentimentReward(target={target!r}): use 'positive' or 'negative'.")
         self.sign = 1.0 if target == "positive" else -1.0
-        self.analyzer = SentimentIntensityAnalyzer()
+        self._analyzer = None
 
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """Score each completion. Shape: (N,) float32."""
         _check(prompts, completions, type(self).__name__)
-        return _scores(completions, lambda text: self.sign * self.analyzer.polarity_scores(text)["compound"])
+        if self._analyzer is None:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+            self._analyzer = SentimentIntensityAnalyzer()
+        return _scores(completions, lambda text: self.sign * self._analyzer.polarity_scores(text)["compound"])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_analyzer": None}
