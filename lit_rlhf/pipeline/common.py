@@ -12,8 +12,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from lit_rlhf.data import PromptDataModule
 from lit_rlhf.judges import BradleyTerryAnnotator, Judge, VaderJudge
 from lit_rlhf.pipeline.config import PipelineConfig
+from lit_rlhf.reward import RewardModel
 from lit_rlhf.rl import GenerationOptions, PolicyGenerator
 
 DEFAULT_ANNOTATOR_TEMPERATURE = 0.1
@@ -171,6 +173,33 @@ def gold_judge_for(config: PipelineConfig) -> Judge:
     raise ValueError(
         f"Cannot tell the gold judge of collect.annotator ({type(annotator).__name__} has no `judge`): "
         "set evaluate.gold_judge."
+    )
+
+
+def prompt_data(config: PipelineConfig, split: str, batch_size: int, limit: int | None) -> PromptDataModule:
+    """The pipeline's prompts as ``PromptDataModule`` batches, rendered as every stage renders them: the ``train``
+    prompts (shuffled by the seed) or the ``heldout`` ones (in order)."""
+    train = split == "train"
+    data = PromptDataModule(
+        tokenizer=config.policy,
+        path=config.train_prompts if train else config.heldout_prompts,
+        split=split,
+        max_prompt_length=config.max_prompt_length,
+        batch_size=batch_size,
+        shuffle=train,
+        seed=config.seed,
+        chat_template=config.chat_template,
+        system_prompt=config.system_prompt,
+        limit=limit,
+    )
+    data.setup("fit")
+    return data
+
+
+def reward_model(config: PipelineConfig, paths: RunPaths) -> RewardModel:
+    """The reward model the reward stage exported, scoring as it was trained (``reward.max_length``)."""
+    return RewardModel(
+        str(paths.reward_model), batch_size=config.reward.score_batch_size, max_length=config.reward.max_length
     )
 
 

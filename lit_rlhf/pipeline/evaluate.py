@@ -12,13 +12,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lit_rlhf.data import PromptDataModule
 from lit_rlhf.judges import judge_scores
 from lit_rlhf.metrics import DistinctN, WinRate, elo_ratings, sequence_perplexity
-from lit_rlhf.pipeline.common import RunPaths, finite_or_none, generator, gold_judge_for, write_json, write_jsonl
+from lit_rlhf.pipeline.common import (
+    RunPaths,
+    finite_or_none,
+    generator,
+    gold_judge_for,
+    prompt_data,
+    reward_model,
+    write_json,
+    write_jsonl,
+)
 from lit_rlhf.pipeline.config import PipelineConfig
 from lit_rlhf.pipeline.rl import list_snapshots, snapshot_iteration
-from lit_rlhf.reward import RewardModel
 from lit_rlhf.rl import PolicyGenerator
 from lit_rlhf.rl.kl import kl_k1
 
@@ -89,24 +96,11 @@ def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     final = checkpoints[-1][0]
 
     gold_judge = gold_judge_for(config)
-    reward = RewardModel(
-        str(paths.reward_model), batch_size=config.reward.score_batch_size, max_length=config.reward.max_length
-    )
+    reward = reward_model(config, paths)
     generation = dataclasses.replace(config.rl.model["generation"], num_samples=ec.samples_per_prompt)
     policy = generator(config, generation, reward, reference=True)
     weights = _Weights(policy.models.policy)
-    data = PromptDataModule(
-        tokenizer=config.policy,
-        path=config.heldout_prompts,
-        split="heldout",
-        max_prompt_length=config.max_prompt_length,
-        batch_size=ec.batch_size,
-        shuffle=False,
-        chat_template=config.chat_template,
-        system_prompt=config.system_prompt,
-        limit=ec.num_prompts,
-    )
-    data.setup("fit")
+    data = prompt_data(config, "heldout", ec.batch_size, ec.num_prompts)
     loader = data.train_dataloader()
 
     samples: list[dict[str, Any]] = []

@@ -8,10 +8,10 @@ import lightning as L
 import torch
 
 from lit_rlhf.data import PreferenceDataModule, read_preferences
-from lit_rlhf.pipeline.common import RunPaths, make_trainer
+from lit_rlhf.pipeline.common import RunPaths, make_trainer, reward_model
 from lit_rlhf.pipeline.config import PipelineConfig
 from lit_rlhf.reporting import read_jsonl
-from lit_rlhf.reward import RewardModel, RewardModelModule
+from lit_rlhf.reward import RewardModelModule
 
 
 def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -57,9 +57,7 @@ def run_reward(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 def held_out_accuracy(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Pair accuracy of the exported model on the held-out prompts' pairs, against the annotator's (noisy) labels and
     against the judge's own ordering (pairs with equal judge scores left out)."""
-    scorer = RewardModel(
-        str(paths.reward_model), batch_size=config.reward.score_batch_size, max_length=config.reward.max_length
-    )
+    scorer = reward_model(config, paths)
     rows = [a for a in read_jsonl(paths.annotations) if a.get("split") == "val"]
     if config.collect.drop_ties:
         rows = [a for a in rows if not a.get("tie")]

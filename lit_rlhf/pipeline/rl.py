@@ -10,11 +10,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lit_rlhf.callbacks import HFExportCallback, MetricsHistory, SampleTable
-from lit_rlhf.data import PromptDataModule
 from lit_rlhf.finetuning import export_pretrained
-from lit_rlhf.pipeline.common import RunPaths, make_trainer
+from lit_rlhf.pipeline.common import RunPaths, make_trainer, prompt_data, reward_model
 from lit_rlhf.pipeline.config import PipelineConfig
-from lit_rlhf.reward import RewardModel
 from lit_rlhf.rl import RLHFModule
 
 SNAPSHOT_PREFIX = "iter-"
@@ -101,23 +99,10 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Fine-tune the policy against ``reward/model`` (or ``rl.reward``); write ``rl/metrics.jsonl``,
     ``rl/checkpoints/iter-*`` and, with ``rl.export_final``, ``rl/hf/final``."""
     rc = config.rl
-    reward = rc.model.get("reward") or RewardModel(
-        str(paths.reward_model), batch_size=config.reward.score_batch_size, max_length=config.reward.max_length
-    )
+    reward = rc.model.get("reward") or reward_model(config, paths)
     L.seed_everything(config.seed, verbose=False)
     module = RLHFModule(**{**rc.model, "policy": config.policy, "reward": reward})
-    data = PromptDataModule(
-        tokenizer=config.policy,
-        path=config.train_prompts,
-        split="train",
-        max_prompt_length=config.max_prompt_length,
-        batch_size=rc.batch_size,
-        seed=config.seed,
-        chat_template=config.chat_template,
-        system_prompt=config.system_prompt,
-        limit=rc.num_prompts,
-    )
-    data.setup("fit")
+    data = prompt_data(config, "train", rc.batch_size, rc.num_prompts)
     batches_per_epoch = len(data.train_dataloader())
     schedule = module.algorithm.schedule
     snapshots = PolicySnapshots(paths.snapshots, rc.checkpoint_every)

@@ -36,14 +36,8 @@ class A2C(PolicyOptimizer):
         self.gamma, self.lam, self.whiten_advantages = gamma, lam, whiten_advantages
 
     def advantages(self, experience: Experience) -> tuple[Tensor, Tensor]:
-        return gae_advantages(
-            experience.rewards,
-            experience.values,
-            experience.response_mask,
-            self.gamma,
-            self.lam,
-            self.whiten_advantages,
-        )
+        e = experience
+        return gae_advantages(e.rewards, e.values, e.response_mask, self.gamma, self.lam, self.whiten_advantages)
 
     def loss(self, batch: Experience, outputs: PolicyOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.response_mask

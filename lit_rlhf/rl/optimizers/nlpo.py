@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,16 +48,8 @@ class NLPO(PolicyOptimizer):
         top_mask: Probability mass of π_mask's top-p set that the policy may sample from.
         min_tokens_to_keep: The set always holds at least this many tokens.
         mask_update_interval: Copy the policy into π_mask every this many iterations (from iteration 0).
-        epochs: Passes over each rollout.
-        num_minibatches: Optimizer steps per pass.
-        clip_range: ε of PPO's clipped surrogate.
-        clip_range_value: Clip range of PPO's value loss.
-        value_coef: Weight of the value loss.
-        entropy_coef: Weight of the entropy bonus (of the masked distribution).
-        gamma: Discount per token.
-        lam: GAE λ.
-        whiten_advantages: Normalise advantages over the rollout's response tokens.
-        target_kl: Stop the iteration's update once a minibatch's approximate KL exceeds this; None never stops.
+        ppo: PPO's arguments (``epochs``, ``num_minibatches``, ``clip_range``, ``value_coef``, ``entropy_coef`` of
+            the masked distribution ...), with PPO's defaults: NLPO's update is PPO's.
     """
 
     needs_critic = True
@@ -66,16 +59,7 @@ class NLPO(PolicyOptimizer):
         top_mask: float = 0.9,
         min_tokens_to_keep: int = 1,
         mask_update_interval: int = 10,
-        epochs: int = 4,
-        num_minibatches: int = 1,
-        clip_range: float = 0.2,
-        clip_range_value: float = 0.2,
-        value_coef: float = 0.1,
-        entropy_coef: float = 0.0,
-        gamma: float = 1.0,
-        lam: float = 0.95,
-        whiten_advantages: bool = True,
-        target_kl: float | None = None,
+        **ppo: Any,
     ) -> None:
         if not 0.0 < top_mask <= 1.0:
             raise ValueError(f"NLPO(top_mask={top_mask}): must be in (0, 1].")
@@ -88,18 +72,7 @@ class NLPO(PolicyOptimizer):
         self.min_tokens_to_keep = min_tokens_to_keep
         self.mask_update_interval = mask_update_interval
         # The update itself is PPO's: NLPO only changes the action space, so it delegates rather than re-implements.
-        self.ppo = PPO(
-            epochs=epochs,
-            num_minibatches=num_minibatches,
-            clip_range=clip_range,
-            clip_range_value=clip_range_value,
-            value_coef=value_coef,
-            entropy_coef=entropy_coef,
-            gamma=gamma,
-            lam=lam,
-            whiten_advantages=whiten_advantages,
-            target_kl=target_kl,
-        )
+        self.ppo = PPO(**ppo)
         self.schedule = self.ppo.schedule
         self.masked: nn.Module | None = None  # the deep copy (no LoRA)
         self._adapter: str | None = None  # the policy's trained adapter (LoRA)
