@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lit_rlhf.hparams import Configurable
 from lit_rlhf.rewards import SentimentReward
 
 __all__ = ["BradleyTerryAnnotator", "Judge", "Preference", "VaderJudge", "judge_scores", "preference_probability"]
@@ -123,7 +124,7 @@ class Preference:
         }
 
 
-class BradleyTerryAnnotator:
+class BradleyTerryAnnotator(Configurable):
     """A simulated human labeller: prefers a over b with probability σ((s_a − s_b) / temperature).
 
     Scores come from any judge; sampling the label (rather than taking the better score) makes the annotator

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from lit_rlhf.data.encoding import encode_prompt_response, pad_right
 from lit_rlhf.finetuning import FineTuningModule, SchedulerName
+from lit_rlhf.hparams import Configurable, make_plain
 from lit_rlhf.models import (
     DType,
     LoraOptions,
@@ -87,6 +88,7 @@ class RewardModelModule(FineTuningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
+        make_plain(self)
         self.optimizer_factory = optimizer
         if lora is not None and not lora.modules_to_save:
             lora.modules_to_save = ["score", "classifier"]
@@ -148,7 +150,7 @@ class RewardModelModule(FineTuningModule):
         return {"chosen": chosen, "rejected": rejected}
 
 
-class RewardModel:
+class RewardModel(Configurable):
     """Score (prompt, completion) pairs with a trained reward model: the learned reward of the RL stage.
 
     A plain callable ``(prompts, completions) -> Tensor (N,)``, batched and without gradients. It keeps its own

@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from lit_rlhf.hparams import Configurable
+
 __all__ = ["CharacterShareReward", "KeywordReward", "LengthReward", "SentimentReward", "TokenShareReward"]
 
 _WORD = re.compile(r"\w+(?:'\w+)?")
@@ -25,7 +27,7 @@ def _scores(completions: list[str], fn: Callable[[str], float]) -> torch.Tensor:
     return torch.tensor([fn(text) for text in completions], dtype=torch.float32)
 
 
-class CharacterShareReward:
+class CharacterShareReward(Configurable):
     """Share of the completion's characters that are among ``target`` (0 for an empty completion), in [0, 1].
 
     A reward a character-level policy can learn in seconds: the smoke test of the RL loop.
@@ -50,7 +52,7 @@ class CharacterShareReward:
         return _scores(completions, self._share)
 
 
-class TokenShareReward:
+class TokenShareReward(Configurable):
     """Share of the completion's words that are among ``words`` (0 for a completion without words), in [0, 1].
 
     Args:
@@ -73,7 +75,7 @@ class TokenShareReward:
         return _scores(completions, self._share)
 
 
-class LengthReward:
+class LengthReward(Configurable):
     """1 at the target length, falling linearly to 0 at a distance of ``target`` (or more): 1 - min(1, |n - t| / t).
 
     Args:
@@ -97,7 +99,7 @@ class LengthReward:
         return _scores(completions, self._score)
 
 
-class KeywordReward:
+class KeywordReward(Configurable):
     """Fraction of ``keywords`` that occur in the completion (as whole words), minus the fraction of ``banned``
     words that occur; in [-1, 1].
 
@@ -124,7 +126,7 @@ class KeywordReward:
         return _scores(completions, self._score)
 
 
-class SentimentReward:
+class SentimentReward(Configurable):
     """VADER's compound sentiment score of the completion, in [-1, 1] (Hutto & Gilbert 2014; ``vaderSentiment``).
 
     The prompt is ignored. The analyzer is built on first use and left out of pickles, so the reward copies cheaply

@@ -7,6 +7,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text import Perplexity
 
 from lit_rlhf.finetuning import FineTuningModule, SchedulerName
+from lit_rlhf.hparams import make_plain
 from lit_rlhf.models import DType, LoraOptions, load_causal_lm, load_tokenizer
 
 
@@ -65,6 +66,7 @@ class SFTModule(FineTuningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
+        make_plain(self)
         self.optimizer_factory = optimizer
         self.model = self.load_trainable(load_causal_lm, model, lora)
         self.tokenizer = load_tokenizer(model, padding_side="right")

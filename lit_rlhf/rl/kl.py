@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from lit_rlhf.hparams import Configurable
+
 KLEstimator = Literal["k1", "k3"]
 
 
@@ -40,7 +42,7 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator =
     raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {estimator!r}.")
 
 
-class KLController(ABC):
+class KLController(Configurable, ABC):
     """Holds the KL penalty coefficient β and updates it once per iteration from the measured KL."""
 
     coef: float

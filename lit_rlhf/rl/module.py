@@ -16,6 +16,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lit_rlhf.finetuning import Exportable, SchedulerName, adamw, lr_schedule, require_trainable
+from lit_rlhf.hparams import make_plain
 from lit_rlhf.models import DType, LoraOptions, is_quantised, load_tokenizer, resolve
 from lit_rlhf.rl.checks import check_arguments, upgrade_checkpoint
 from lit_rlhf.rl.decoding import GenerationOptions
@@ -148,6 +149,7 @@ class RLHFModule(Exportable, L.LightningModule):
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
         self.save_hyperparameters()
+        make_plain(self)  # components as class_path / init_args: checkpoints load with weights_only=True
         self.automatic_optimization = False
         self.algorithm = algorithm if algorithm is not None else PPO()
         critic = check_arguments({**arguments, "algorithm": self.algorithm})

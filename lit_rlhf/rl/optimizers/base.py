@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
+from lit_rlhf.hparams import Configurable
 from lit_rlhf.rl.experience import Experience, PolicyOutputs
 from lit_rlhf.rl.policy import LogitsTransform
 
@@ -32,7 +33,7 @@ class UpdateSchedule:
             raise ValueError(f"target_kl must be > 0 (or null to never stop early), got {self.target_kl}.")
 
 
-class PolicyOptimizer(nn.Module, ABC):
+class PolicyOptimizer(Configurable, nn.Module, ABC):
     """What an RL algorithm decides; ``RLHFModule`` does everything else (sampling, scoring, KL, the update loop).
 
     Implement ``advantages`` and ``loss``; override the other hooks only when needed. Per iteration the module runs
@@ -53,8 +54,9 @@ class PolicyOptimizer(nn.Module, ABC):
     """How many optimizer steps each rollout feeds (one by default)."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PolicyOptimizer:
-        # Module state exists before the subclass's __init__ runs, so algorithms need not call super().__init__().
-        self = super().__new__(cls)
+        # Module state exists before the subclass's __init__ runs, so algorithms need not call super().__init__();
+        # Configurable records the arguments, so checkpoints describe the algorithm instead of pickling it.
+        self = super().__new__(cls, *args, **kwargs)
         nn.Module.__init__(self)
         return self
 
