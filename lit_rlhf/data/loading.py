@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, TypeVar
 
 import lightning as L
@@ -84,6 +85,64 @@ class LengthGroupedSampler(EpochSeededSampler):
         return iter(torch.cat(full + short).tolist())
 
 
+class _SkipFirst:
+    """A batch sampler that leaves out its first ``skip`` batches of indices (no data is loaded for them)."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # the epoch's length, as Lightning counts it
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints: it counts the batches it handed out this epoch, and after
+    ``load_state_dict`` its next epoch starts after them. A run resumed from a checkpoint taken in the middle of an
+    epoch then continues with the next batch, as the uninterrupted run did, instead of replaying the epoch (Lightning
+    restores loader state only when it resumes inside an epoch, from the same epoch's order).
+
+    The skipped batches are left out at the level of indices, so no data is read for them; the order itself is the
+    sampler's (``EpochSeededSampler`` and ``LengthGroupedSampler`` depend only on the seed and the epoch).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handed_out = 0
+        self._skip = 0
+        self._skipping = 0
+
+    @property
+    def _index_sampler(self) -> Any:
+        sampler = super()._index_sampler
+        return _SkipFirst(sampler, self._skipping) if self._skipping else sampler
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self._skip = self._skip, 0
+        self._skipping = skip
+        try:
+            batches = super().__iter__()  # reads _index_sampler now
+        finally:
+            self._skipping = 0
+        return self._count(batches, start=skip)
+
+    def _count(self, batches: Iterator[Any], start: int) -> Iterator[Any]:
+        self._handed_out = start
+        for batch in batches:
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """How many batches of the current epoch were handed out."""
+        return {"batches": self._handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next epoch's iteration after ``state["batches"]`` batches."""
+        self._skip = int(state["batches"])
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -101,7 +160,9 @@ def make_loader(
         sampler = LengthGroupedSampler(lengths, batch_size, seed)
     else:
         sampler = EpochSeededSampler(dataset, seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)
+    return ResumableDataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn
+    )
 
 
 def split_off(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:

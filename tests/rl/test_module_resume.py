@@ -4,6 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lit_rlhf.data import PromptDataModule
 from lit_rlhf.models import LoraOptions
 from lit_rlhf.rewards import CharacterShareReward
 from lit_rlhf.rl import NLPO, PPO, AdaptiveKL, RLHFModule
@@ -102,3 +103,29 @@ def test_an_argument_that_cannot_be_described_is_left_out_with_a_warning(tmp_pat
     torch.load(tmp_path / "lambda.ckpt", weights_only=True)
     loaded = RLHFModule.load_from_checkpoint(tmp_path / "lambda.ckpt", reward=CharacterShareReward("b"))
     assert loaded.generator.reward.target == frozenset("b")
+
+
+def prompt_data() -> PromptDataModule:
+    """Eight packaged prompts in batches of two, shuffled by (seed, epoch): four iterations per epoch."""
+    return PromptDataModule(tokenizer="tiny-llama", limit=8, batch_size=2, max_prompt_length=48, val_limit=2)
+
+
+def test_a_run_resumed_in_the_middle_of_an_epoch_skips_and_replays_nothing(tmp_path):
+    # PPO with 2 epochs x 2 minibatches: 4 optimizer steps per iteration, so a checkpoint every 4 steps is one per
+    # iteration. The one after iteration 6 lies in the middle of the second epoch (its second of four batches).
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1, every_n_train_steps=4)
+    full = Outputs()
+    trainer(2, callbacks=[checkpoints, full], enable_checkpointing=True, limit_val_batches=0).fit(
+        build("ppo"), prompt_data()
+    )
+    assert len(full.outputs) == 8
+    resumed = Outputs()
+    run = trainer(2, callbacks=[resumed], limit_val_batches=0)
+    module = build("ppo")
+    run.fit(module, prompt_data(), ckpt_path=tmp_path / "step=24.ckpt", weights_only=True)
+    # The prompts of iterations 7 and 8, not those of the epoch's first two batches again.
+    assert [out["prompts"] for out in resumed.outputs] == [out["prompts"] for out in full.outputs[6:]]
+    for expected, actual in zip(full.outputs[6:], resumed.outputs, strict=True):
+        assert actual["completions"] == expected["completions"]
+        for key in KEYS:
+            assert actual["metrics"][key] == pytest.approx(expected["metrics"][key], abs=1e-5), key
