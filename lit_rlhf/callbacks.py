@@ -26,15 +26,20 @@ def _output_dir(trainer: pl.Trainer, dirpath: str | None) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def _due(step: int, last: int | None, every_n_steps: int | None) -> bool:
-    """Whether a multiple of ``every_n_steps`` lies in (last, step].
+def logged_step(trainer: pl.Trainer) -> int:
+    """The step loggers put this batch's metrics at (``metrics.csv``, TensorBoard, W&B), which every callback here
+    uses too: one RL iteration in ``RLHFModule`` (however many optimizer steps its update takes), one optimizer step
+    in the supervised stages. Lightning keeps it as the epoch loop's count of batches that stepped."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
-    Not ``step % n == 0``: with manual optimisation one training_step can take several optimizer steps (PPO epochs ×
-    minibatches), so global_step may jump over every multiple of n.
-    """
+
+def _due(step: int, last: int | None, every_n_steps: int | None) -> bool:
+    """Whether logged step ``step`` (0-based) completes a multiple of ``every_n_steps`` steps not yet acted on:
+    a multiple of n lies in (last + 1, step + 1], counting steps done (``last`` None: none yet)."""
     if not every_n_steps:
         return False
-    return step // every_n_steps > (last or 0) // every_n_steps
+    done, acted = step + 1, (last + 1) if last is not None else 0
+    return done // every_n_steps > acted // every_n_steps
 
 
 class HFExportCallback(pl.Callback):
@@ -45,13 +50,14 @@ class HFExportCallback(pl.Callback):
         def export_model(self) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
             '''The model to export (e.g. the policy, possibly a peft model) and its tokenizer.'''
 
-    Checkpoints go to ``dirpath/step-{global_step}`` each time global_step passes a multiple of ``every_n_steps`` and to
+    Checkpoints go to ``dirpath/step-{n}`` after every ``every_n_steps`` logged steps (``logged_step``: an RL
+    iteration, an optimizer step in the supervised stages; ``n`` counts the steps done), and to
     ``dirpath/final`` at the end of fit; each loads with ``AutoModelFor*.from_pretrained``. Only global rank 0
     writes. Under FSDP, ``export_model`` must return a model whose parameters are gathered (not sharded).
 
     Args:
         dirpath: Output folder; default ``<log_dir>/hf``.
-        every_n_steps: Export every this many optimizer steps (``trainer.global_step``); None to export only at the end.
+        every_n_steps: Export every this many logged steps; None to export only at the end.
         on_train_end: Export ``final`` when fit ends.
     """
 
@@ -90,10 +96,10 @@ class HFExportCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        step = logged_step(trainer)
         if _due(step, self._last_step, self.every_n_steps):
             self._last_step = step
-            self.export(trainer, pl_module, f"step-{step}")
+            self.export(trainer, pl_module, f"step-{step + 1}")  # after step + 1 logged steps
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_on_train_end:
@@ -119,7 +125,8 @@ def _scalar(value: Any) -> float | None:
 class MetricsHistory(pl.Callback):
     """Keep every logged scalar metric per training step and append it to ``metrics.jsonl`` (for report plots).
 
-    Each training row is ``{"step": global_step, "epoch": ..., "<metric>": value, ...}`` taken from
+    Each training row is ``{"step": logged step, "epoch": ..., "<metric>": value, ...}`` (the step loggers use:
+    ``logged_step``) taken from
     ``trainer.callback_metrics`` after each batch, i.e. whatever the module logged with ``self.log``. Metrics logged
     during validation go to rows with ``"stage": "val"`` and are left out of the training rows (callback_metrics
     still holds their last value between validations). The file is rewritten from the kept history when fit starts,
@@ -128,7 +135,7 @@ class MetricsHistory(pl.Callback):
     Args:
         dirpath: Output folder; default: the logger's run folder (``trainer.log_dir``).
         filename: Name of the JSON-lines file.
-        every_n_steps: Record a row each time ``trainer.global_step`` passes a multiple of this.
+        every_n_steps: Record a row each time the logged step passes a multiple of this.
         prefixes: Keep only metrics whose name starts with one of these (e.g. ``["objective/", "policy/"]``);
             None keeps all.
     """
@@ -178,7 +185,7 @@ class MetricsHistory(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        step = logged_step(trainer)
         if not _due(step, self._last_step, self.every_n_steps):
             return
         metrics = {k: v for k, v in self._metrics(trainer).items() if k not in self._val_keys}
@@ -202,7 +209,7 @@ class MetricsHistory(pl.Callback):
         self._val_keys.update(metrics)
         if metrics:
             self._append(
-                trainer, {"step": trainer.global_step, "epoch": trainer.current_epoch, "stage": "val", **metrics}
+                trainer, {"step": logged_step(trainer), "epoch": trainer.current_epoch, "stage": "val", **metrics}
             )
 
     def columns(self, stage: str = "train") -> dict[str, list[float]]:
@@ -242,8 +249,8 @@ class SampleTable(pl.Callback):
 
     Args:
         dirpath: Output folder; default: the logger's run folder (``trainer.log_dir``).
-        every_n_steps: Write samples each time ``trainer.global_step`` passes a multiple of this, and after the
-            first batch (samples of the initial policy).
+        every_n_steps: Write samples each time the logged step (an RL iteration) passes a multiple of this, and
+            after the first batch (samples of the initial policy).
         num_samples: Samples per write (the first ones of the batch).
         max_chars: Cut longer texts in the markdown table (the jsonl keeps them whole).
         filename: Stem of the output files (``.jsonl`` and ``.md``).
@@ -300,7 +307,7 @@ class SampleTable(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        step = logged_step(trainer)
         if not (self._last_step is None or _due(step, self._last_step, self.every_n_steps)):
             return
         rows = self._rows(outputs, batch, step)

@@ -80,12 +80,13 @@ def test_metrics_history_records_train_and_val_rows(tmp_path):
     trainer(tmp_path, [history], val_check_interval=2).fit(RLLike())
     train = [r for r in history.history if r.get("stage") != "val"]
     val = [r for r in history.history if r.get("stage") == "val"]
-    # 4 batches × 2 optimizer steps: global_step after each batch is 2, 4, 6, 8
-    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    # 4 batches × 2 optimizer steps: rows carry the loggers' step (metrics.csv, TensorBoard), one per batch, as in
+    # RLHFModule one per RL iteration, not trainer.global_step (2, 4, 6, 8)
+    assert [r["step"] for r in train] == [0, 1, 2, 3]
     assert [r["objective/reward"] for r in train] == [0.0, 1.0, 2.0, 3.0]
     assert [r["objective/kl"] for r in train] == [0.0, 0.5, 1.0, 1.5]
     assert all("val/reward" not in r for r in train)  # the stale validation value stays out of training rows
-    assert [(r["step"], r["val/reward"]) for r in val] == [(4, 7.0), (8, 7.0)]
+    assert [(r["step"], r["val/reward"]) for r in val] == [(1, 7.0), (3, 7.0)]  # after batches 1 and 3
     assert all("objective/reward" not in r for r in val)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == history.history
@@ -101,26 +102,23 @@ def test_metrics_history_records_train_and_val_rows(tmp_path):
 def test_metrics_history_prefix_filter(tmp_path):
     history = MetricsHistory(dirpath=str(tmp_path), prefixes=["objective/kl"], every_n_steps=4)
     trainer(tmp_path, [history], limit_val_batches=0).fit(RLLike())
-    # global_step 2, 4, 6, 8 after each batch: a row when it reaches a multiple of 4, i.e. at 4 and 8
-    assert history.history == [
-        {"step": 4, "epoch": 0, "objective/kl": 0.5},
-        {"step": 8, "epoch": 0, "objective/kl": 1.5},
-    ]
+    # logged steps 0, 1, 2, 3: a row once 4 steps are done, i.e. at step 3
+    assert history.history == [{"step": 3, "epoch": 0, "objective/kl": 1.5}]
 
 
 def test_sample_table_writes_jsonl_and_markdown(tmp_path):
-    table = SampleTable(dirpath=str(tmp_path), every_n_steps=4, num_samples=1)
+    table = SampleTable(dirpath=str(tmp_path), every_n_steps=2, num_samples=1)
     trainer(tmp_path, [table], limit_val_batches=0).fit(RLLike(return_prompts=False))
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    # written after the first batch (step 2) and at the multiples of 4 (steps 4 and 8: batches 1 and 3);
+    # written after the first batch (logged step 0) and whenever 2 more steps are done (steps 1 and 3);
     # prompts come from the batch's "prompt" field, scores from the outputs
     assert rows == [
-        {"step": 2, "prompt": "prompt 0", "completion": "reply | prompt 0\nend", "score": 0.25},
-        {"step": 4, "prompt": "prompt 2", "completion": "reply | prompt 2\nend", "score": 0.25},
-        {"step": 8, "prompt": "prompt 6", "completion": "reply | prompt 6\nend", "score": 0.25},
+        {"step": 0, "prompt": "prompt 0", "completion": "reply | prompt 0\nend", "score": 0.25},
+        {"step": 1, "prompt": "prompt 2", "completion": "reply | prompt 2\nend", "score": 0.25},
+        {"step": 3, "prompt": "prompt 6", "completion": "reply | prompt 6\nend", "score": 0.25},
     ]
     markdown = (tmp_path / "samples.md").read_text()
-    assert "## step 2" in markdown and "| prompt 0 | reply \\| prompt 0<br>end | 0.250 |" in markdown
+    assert "## step 0" in markdown and "| prompt 0 | reply \\| prompt 0<br>end | 0.250 |" in markdown
 
 
 def test_sample_table_warns_without_completions(tmp_path):
