@@ -77,6 +77,13 @@ def mean_over_ranks(module: L.LightningModule, metrics: dict[str, Any]) -> dict[
     return dict(zip(keys, values.cpu(), strict=True))
 
 
+def float_mean_over_ranks(module: L.LightningModule, value: float) -> float:
+    """``value`` averaged over all processes; exactly ``value`` (not rounded through a tensor) in one process."""
+    if module._trainer is None or module.trainer.world_size == 1:
+        return value
+    return float(module.trainer.strategy.reduce(torch.tensor(value, device=module.device), reduce_op="mean"))
+
+
 def skip_gradient_sync(module: L.LightningModule) -> AbstractContextManager:
     """A context in which DDP backward passes accumulate local gradients without the all-reduce.
 

@@ -22,12 +22,39 @@ DEFAULT_ANNOTATOR_TEMPERATURE = 0.1
 """Label noise of the default annotator, in VADER units: a score gap of 0.1 is labelled right about 73% of the time."""
 
 
+PARTIAL = ".partial"
+"""Folder (under the run's root) where a running stage writes: ``.partial/<stage>/`` mirrors the root's layout, and
+its outputs replace the old ones only once the stage has finished."""
+
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "collect": ("collect",),
+    "reward": ("reward",),
+    "rl": ("rl",),
+    "evaluate": ("evaluate",),
+    "report": ("report.md", "plots"),
+}
+"""What each stage writes, relative to the run's root."""
+
+
 @dataclass(frozen=True)
 class RunPaths:
-    """Where each stage of a run writes, under one output folder."""
+    """Where each stage of a run reads and writes, under one output folder."""
 
     root: Path
     """The run's output folder."""
+    writing: str | None = None
+    """The stage being run: its outputs resolve under ``.partial/<stage>/``, every other stage's at the root."""
+
+    def _at(self, stage: str, name: str) -> Path:
+        return (self.partial(stage) if stage == self.writing else self.root) / name
+
+    def partial(self, stage: str) -> Path:
+        """The folder a running ``stage`` writes to."""
+        return self.root / PARTIAL / stage
+
+    def staged(self, stage: str) -> RunPaths:
+        """These paths as ``stage`` sees them while it runs: its own outputs in its partial folder."""
+        return RunPaths(self.root, stage)
 
     @property
     def markers(self) -> Path:
@@ -39,7 +66,7 @@ class RunPaths:
 
     @property
     def collect(self) -> Path:
-        return self.root / "collect"
+        return self._at("collect", "collect")
 
     @property
     def train_pairs(self) -> Path:
@@ -58,7 +85,7 @@ class RunPaths:
 
     @property
     def reward(self) -> Path:
-        return self.root / "reward"
+        return self._at("reward", "reward")
 
     @property
     def reward_model(self) -> Path:
@@ -67,7 +94,7 @@ class RunPaths:
 
     @property
     def rl(self) -> Path:
-        return self.root / "rl"
+        return self._at("rl", "rl")
 
     @property
     def snapshots(self) -> Path:
@@ -81,7 +108,7 @@ class RunPaths:
 
     @property
     def evaluate(self) -> Path:
-        return self.root / "evaluate"
+        return self._at("evaluate", "evaluate")
 
     @property
     def results(self) -> Path:
@@ -95,21 +122,11 @@ class RunPaths:
 
     @property
     def report(self) -> Path:
-        return self.root / "report.md"
+        return self._at("report", "report.md")
 
     @property
     def plots(self) -> Path:
-        return self.root / "plots"
-
-    def outputs(self, stage: str) -> list[Path]:
-        """What a stage writes, removed before it runs again so nothing stale survives (old snapshots, say)."""
-        return {
-            "collect": [self.collect],
-            "reward": [self.reward],
-            "rl": [self.rl],
-            "evaluate": [self.evaluate],
-            "report": [self.report, self.plots],
-        }[stage]
+        return self._at("report", "plots")
 
 
 def write_json(path: Path, data: Any) -> Path:

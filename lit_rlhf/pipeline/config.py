@@ -206,9 +206,10 @@ def add_arguments(parser: ArgumentParser) -> None:
         default=None,
         help="The top-level policy is trained; accepted here only so that a recipe's model: block pastes as it is.",
     )
-    # Derived, so never set by hand: the rollouts' seed is the run's, the schedule spans the RL stage.
+    # Derived, so never set by hand: the rollouts' seed is the run's, the module stops after the stage's iterations
+    # (and its learning-rate schedule spans them unless rl.schedule_iterations says otherwise).
     parser.link_arguments("seed", "rl.rollout_seed")
-    parser.link_arguments("rl.iterations", "rl.schedule_iterations")
+    parser.link_arguments("rl.iterations", "rl.max_iterations")
 
 
 def _add_dataclass_fields(parser: ArgumentParser, cls: type, key: str, skip: set[str]) -> None:

@@ -195,7 +195,7 @@ def run_report(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         ),
     ]
     write_report(
-        paths.root,
+        paths.report.parent,
         sections,
         title=f"RLHF pipeline report: {config.name}",
         intro=(
@@ -204,5 +204,7 @@ def run_report(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
             f"Configuration: `config.yaml`; `lit-rlhf pipeline --config {paths.root / 'config.yaml'}` reruns whatever "
             "is out of date."
         ),
+        filename=paths.report.name,
     )
-    return {"report": str(paths.report), "plots": [str(curves), str(gold_vs_proxy)]}
+    final = RunPaths(paths.root)  # where the files are once the stage is done
+    return {"report": str(final.report), "plots": [str(final.plots / p.name) for p in (curves, gold_vs_proxy)]}

@@ -48,7 +48,9 @@ def save_policy(module: RLHFModule, path: Path) -> Path:
 
 
 class PolicySnapshots(Callback):
-    """Save the policy after every ``every`` RL iterations and at the end of training, as ``dirpath/iter-NNNN``.
+    """Save the policy after every ``every`` RL iterations and at the end of training, as ``dirpath/iter-NNNN``, and
+    with each snapshot a resume point: a Lightning checkpoint of the whole run, so an interrupted stage continues
+    from its last snapshot exactly as it would have run on.
 
     Counts ``RLHFModule.iteration`` (rollouts), not ``trainer.global_step`` (optimizer steps). With LoRA a snapshot is
     the adapter alone (megabytes), which evaluation loads onto the one base model it keeps in memory.
@@ -56,19 +58,23 @@ class PolicySnapshots(Callback):
     Args:
         dirpath: Output folder.
         every: Iterations between snapshots.
+        resume: Where the resume point goes (overwritten each time); None for none.
     """
 
-    def __init__(self, dirpath: str | Path, every: int) -> None:
+    def __init__(self, dirpath: str | Path, every: int, resume: str | Path | None = None) -> None:
         if every < 1:
             raise ValueError(f"rl.checkpoint_every must be >= 1, got {every}.")
-        self.dirpath, self.every = Path(dirpath), every
-        self.saved: list[Path] = []
+        self.dirpath, self.every, self.resume = Path(dirpath), every, resume
         self._last: int | None = None
 
     def _save(self, trainer: L.Trainer, module: RLHFModule) -> None:
-        if trainer.is_global_zero and module.iteration != self._last:
-            self.saved.append(save_policy(module, self.dirpath / snapshot_name(module.iteration)))
+        if module.iteration == self._last:
+            return
         self._last = module.iteration
+        if trainer.is_global_zero:
+            save_policy(module, self.dirpath / snapshot_name(module.iteration))
+        if self.resume is not None:
+            trainer.save_checkpoint(self.resume)  # every rank takes part (sharded strategies gather)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.iteration % self.every == 0:
@@ -77,43 +83,29 @@ class PolicySnapshots(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": self._last}
 
-class StopAfterIterations(Callback):
-    """Stop fitting after ``iterations`` RL iterations, wherever that falls in an epoch of prompts.
-
-    Not ``trainer.max_steps``: that counts optimizer steps, of which an iteration takes a varying number when the
-    algorithm stops its update early (``target_kl``).
-    """
-
-    def __init__(self, iterations: int) -> None:
-        if iterations < 1:
-            raise ValueError(f"rl.iterations must be >= 1, got {iterations}.")
-        self.iterations = iterations
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.iteration >= self.iterations:
-            trainer.should_stop = True
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last = state_dict.get("last")
 
 
 def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Fine-tune the policy against ``reward/model`` (or ``rl.reward``); write ``rl/metrics.jsonl``,
-    ``rl/checkpoints/iter-*`` and, with ``rl.export_final``, ``rl/hf/final``."""
+    ``rl/checkpoints/iter-*`` and, with ``rl.export_final``, ``rl/hf/final``. A run interrupted after a snapshot
+    continues from it (``rl/resume.ckpt`` in the stage's partial folder, removed once the stage is done)."""
     rc = config.rl
     reward = rc.model.get("reward") or reward_model(config, paths)
     L.seed_everything(config.seed, verbose=False)
     module = RLHFModule(**{**rc.model, "policy": config.policy, "reward": reward})
     data = prompt_data(config, "train", rc.batch_size, rc.num_prompts)
     batches_per_epoch = len(data.train_dataloader())
-    schedule = module.algorithm.schedule
-    snapshots = PolicySnapshots(paths.snapshots, rc.checkpoint_every)
+    resume = paths.rl / "resume.ckpt"
     history = MetricsHistory(dirpath=str(paths.rl))
     callbacks: list[Callback] = [
-        StopAfterIterations(rc.iterations),
-        snapshots,
+        PolicySnapshots(paths.snapshots, rc.checkpoint_every, resume),
         history,
-        SampleTable(
-            dirpath=str(paths.rl), every_n_steps=rc.checkpoint_every * schedule.epochs * schedule.num_minibatches
-        ),
+        SampleTable(dirpath=str(paths.rl), every_n_steps=rc.checkpoint_every),
     ]
     if rc.export_final:
         callbacks.append(HFExportCallback(dirpath=str(paths.rl / "hf"), on_train_end=True))
@@ -124,7 +116,8 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         default_root_dir=str(paths.rl),
         callbacks=callbacks,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume if resume.exists() else None, weights_only=True)
+    resume.unlink(missing_ok=True)
 
     last = history.history[-1] if history.history else {}
     return {
@@ -135,5 +128,5 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         "algorithm": type(module.algorithm).__name__,
         "final_kl_coef": module.kl.coef,
         "last": {k: last[k] for k in ("objective/score", "objective/kl", "response/length") if k in last},
-        "snapshots": [p.name for p in snapshots.saved],
+        "snapshots": [p.name for p in list_snapshots(paths.snapshots)],
     }

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
+import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, set_parsing_settings
 
 from lit_rlhf.pipeline.collect import run_collect
-from lit_rlhf.pipeline.common import RunPaths, read_json, write_json
+from lit_rlhf.pipeline.common import OUTPUTS, PARTIAL, RunPaths, read_json, write_json
 from lit_rlhf.pipeline.config import PipelineConfig, add_arguments, from_namespace, validate
 from lit_rlhf.pipeline.evaluate import run_evaluate
 from lit_rlhf.pipeline.report import run_report
@@ -84,6 +88,50 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+class OutputInUse(RuntimeError):
+    """Another live process holds the output folder's lock."""
+
+
+@contextmanager
+def lock_output(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` for this run: ``folder/.lock``, locked with ``flock`` and naming this process.
+
+    A second run into the same folder fails at once with the holder's process id, host and command. The operating
+    system releases the lock when its process ends, even by ``kill -9``, so a lock left by a dead run is simply taken
+    over (the file stays, unlocked).
+    """
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held open for as long as the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "an unknown process"
+        handle.close()
+        raise OutputInUse(
+            f"{folder} is in use by another pipeline run ({holder}); wait for it to finish, or give this run its "
+            "own --output_dir."
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def output_folder(config: PipelineConfig) -> Path:
+    """The run's output folder: ``output_dir``, else ``outputs/<name>``."""
+    return Path(config.output_dir or Path("outputs") / config.name)
+
+
 def select_stages(stage: str | None, stages: str | None) -> list[str]:
     """The chosen stages in pipeline order; an unknown name is an error that lists the known ones."""
     if stage is not None and stages is not None:
@@ -104,9 +152,54 @@ def fingerprint(stage: str, settings: dict[str, Any], input_runs: dict[str, str]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _marker(paths: RunPaths, stage: str) -> dict[str, Any] | None:
+def _marker(paths: RunPaths, stage: str, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """A stage's marker, or None when it has not finished; a marker that cannot be read (torn by a crash, edited by
+    hand) counts as not finished, so the stage runs again."""
     path = paths.marker(stage)
-    return read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        marker = read_json(path)
+        if isinstance(marker, dict) and {"run_id", "fingerprint", "finished", "seconds"} <= set(marker):
+            return marker
+        problem = "it lacks the fields a finished stage writes"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"it is not readable JSON ({error})"
+    log(f"[{stage}] {path}: {problem}; the stage counts as not done")
+    return None
+
+
+def _begin(paths: RunPaths, stage: str, key: str, log: Callable[[str], None]) -> None:
+    """Prepare the stage's partial folder: kept when an interrupted run of the same settings left it (the RL stage
+    resumes from it), else emptied."""
+    partial = paths.partial(stage)
+    stamp = partial / "fingerprint.json"
+    if partial.exists():
+        try:
+            same = read_json(stamp).get("fingerprint") == key
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if same:
+            log(f"[{stage}] continuing the interrupted run in {partial}")
+            return
+        shutil.rmtree(partial)
+    write_json(stamp, {"fingerprint": key})
+
+
+def _commit(paths: RunPaths, stage: str) -> None:
+    """Put a finished stage's outputs in place of the old ones. Its marker goes first, so a crash half-way leaves
+    the stage "not done" (never done with half-replaced outputs); the old outputs are removed last."""
+    paths.marker(stage).unlink(missing_ok=True)
+    partial, trash = paths.partial(stage), paths.root / PARTIAL / f"{stage}.old"
+    shutil.rmtree(trash, ignore_errors=True)
+    trash.mkdir(parents=True)
+    for name in OUTPUTS[stage]:
+        if (paths.root / name).exists():
+            (paths.root / name).rename(trash / name)
+        if (partial / name).exists():
+            (partial / name).rename(paths.root / name)
+    shutil.rmtree(partial)
+    shutil.rmtree(trash)
 
 
 def run_pipeline(
@@ -125,13 +218,13 @@ def run_pipeline(
         force: Redo the stages even when up to date.
         log: Where progress lines go.
     """
-    paths = RunPaths(Path(config.output_dir or Path("outputs") / config.name))
+    paths = RunPaths(output_folder(config))
     paths.root.mkdir(parents=True, exist_ok=True)
     status: dict[str, str] = {}
     for stage in stages:
         inputs = {}
         for needed in INPUTS[stage]:
-            marker = _marker(paths, needed)
+            marker = _marker(paths, needed, log)
             if marker is None:
                 raise FileNotFoundError(
                     f"Stage '{stage}' needs the outputs of '{needed}', which has not run in {paths.root} "
@@ -140,7 +233,7 @@ def run_pipeline(
                 )
             inputs[needed] = marker["run_id"]
         key = fingerprint(stage, settings, inputs)
-        previous = _marker(paths, stage)
+        previous = _marker(paths, stage, log)
         upstream_ran = any(status.get(s) == "ran" for s in INPUTS[stage])
         if previous is not None and previous.get("fingerprint") == key and not force and not upstream_ran:
             log(f"[{stage}] up to date, skipped (ran {previous['finished']}, {previous['seconds']:.0f} s)")
@@ -155,15 +248,12 @@ def run_pipeline(
         else:
             reason = "settings or inputs changed"
         log(f"[{stage}] running ({reason}) -> {paths.root}")
-        paths.marker(stage).unlink(missing_ok=True)  # a failed run must not look finished
-        for output in paths.outputs(stage):
-            if output.is_dir():
-                shutil.rmtree(output)
-            else:
-                output.unlink(missing_ok=True)
+        # The stage writes into .partial/<stage>: a failure leaves the previous outputs (and their marker) as they were.
+        _begin(paths, stage, key, log)
         start = time.perf_counter()
-        summary = STAGES[stage](config, paths)
+        summary = STAGES[stage](config, paths.staged(stage))
         seconds = time.perf_counter() - start
+        _commit(paths, stage)
         write_json(
             paths.marker(stage),
             {
@@ -199,9 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         config_only.pop(key, None)
     dumped = parser.dump(config_only, skip_check=True)
     settings = yaml.safe_load(dumped)
-    output_dir = Path(config.output_dir or Path("outputs") / config.name)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dumped, encoding="utf-8")
+    output_dir = output_folder(config)
     # Harmless notices that would bury the progress output of a CPU run.
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -210,7 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     try:
-        status = run_pipeline(config, settings, stages, force=raw.force)
+        with lock_output(output_dir):
+            (output_dir / "config.yaml").write_text(dumped, encoding="utf-8")
+            status = run_pipeline(config, settings, stages, force=raw.force)
+    except OutputInUse as error:
+        raise SystemExit(f"lit-rlhf pipeline: {error}") from None
     finally:
         torch.set_num_threads(threads)
     ran = [s for s, v in status.items() if v == "ran"]

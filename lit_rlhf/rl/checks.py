@@ -42,8 +42,9 @@ def check_arguments(arguments: Mapping[str, Any], prefix: str = "model.") -> Val
         raise ValueError(
             f"{prefix}gradient_accumulation_steps must be >= 1, got {args['gradient_accumulation_steps']}."
         )
-    if args["schedule_iterations"] is not None and args["schedule_iterations"] < 1:
-        raise ValueError(f"{prefix}schedule_iterations must be >= 1 (or null), got {args['schedule_iterations']}.")
+    for key in ("schedule_iterations", "max_iterations"):
+        if args[key] is not None and args[key] < 1:
+            raise ValueError(f"{prefix}{key} must be >= 1 (or null), got {args[key]}.")
     if args["reward_clip"] is not None and args["reward_clip"] <= 0:
         raise ValueError(f"{prefix}reward_clip must be > 0 (or null to disable), got {args['reward_clip']}.")
     generation = args["generation"]

@@ -1,9 +1,13 @@
 """Decoding responses from a causal LM: ``GenerationOptions``, our KV-cache decoding loop with transformers' logits
-processors and inverse-CDF draws (``rollout_backend: native``), and where responses stop (stop tokens, stop strings)."""
+processors and inverse-CDF draws, where responses stop (stop tokens, stop strings), and the ``Sampler`` interface with
+its native and HF backends (``lit_rlhf.rl.vllm`` adds the third)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -205,3 +209,76 @@ def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
     """The text before the earliest stop string (the whole text when none occurs)."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS and every EOS of the model's generation config."""
+    config_eos = model.generation_config.eos_token_id
+    config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
+    return sorted({tokenizer.eos_token_id, *config_eos} - {None})
+
+
+class Sampler(ABC):
+    """Turns left-padded prompts into sampled sequences; one subclass per backend.
+
+    Args:
+        tokenizer: The policy's tokenizer (its pad id fills finished rows; stop strings are matched on its text).
+        stop_token_ids: Tokens that end a response.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_token_ids: list[int]) -> None:
+        self.tokenizer, self.stop_token_ids = tokenizer, stop_token_ids
+
+    @abstractmethod
+    def sample(
+        self,
+        policy: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        options: GenerationOptions,
+        processor: LogitsProcessor | None = None,
+    ) -> Tensor:
+        """Sequences of prompts and responses; responses are padded after their stop.
+
+        Shape: prompt_ids, prompt_mask (B, P) -> (B, P+T), T <= ``options.max_new_tokens``.
+        """
+
+    def refresh(self, policy: nn.Module) -> None:
+        """Called after every update: a backend that holds its own copy of the weights takes the new ones."""
+        return None
+
+    def released(self) -> Any:
+        """A context during which the backend may give its memory back (the update runs inside it)."""
+        return nullcontext()
+
+
+class NativeSampler(Sampler):
+    """Our decoding loop (``lit_rlhf.rl.decoding.sample``): the model's KV cache, transformers' logits processors
+    and stop criteria, inverse-CDF draws; faster than ``generate`` on a CPU, same distribution, same greedy output."""
+
+    def sample(self, policy, prompt_ids, prompt_mask, options, processor=None) -> Tensor:
+        pad = self.tokenizer.pad_token_id
+        return sample(policy, prompt_ids, prompt_mask, options, self.stop_token_ids, pad, processor, self.tokenizer)
+
+
+class HFSampler(Sampler):
+    """transformers' ``generate``.
+
+    Args:
+        synced_gpus: Under FSDP every decoding step all-gathers each layer's shards, so all ranks must run the same
+            number of steps: those that finish early keep stepping until the last one is done.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_token_ids: list[int], synced_gpus: bool = False):
+        super().__init__(tokenizer, stop_token_ids)
+        self.synced_gpus = synced_gpus
+
+    def sample(self, policy, prompt_ids, prompt_mask, options, processor=None) -> Tensor:
+        return policy.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=options.to_hf(self.stop_token_ids, self.tokenizer.pad_token_id),
+            logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
+            tokenizer=self.tokenizer if options.stop_strings else None,
+            synced_gpus=self.synced_gpus,
+        )

@@ -4,102 +4,52 @@
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor, nn
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from torch import Tensor
+from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
-from lit_rlhf.models import load_tokenizer
-from lit_rlhf.rl.decoding import GenerationOptions, cut_at_stop_strings, sample, stop_mask, stop_string_positions
+from lit_rlhf.models import LoraOptions, load_tokenizer
+from lit_rlhf.rl.decoding import (
+    GenerationOptions,
+    HFSampler,
+    NativeSampler,
+    Sampler,
+    cut_at_stop_strings,
+    stop_mask,
+    stop_string_positions,
+    stop_token_ids,
+)
 from lit_rlhf.rl.experience import Rollout, Samples
 from lit_rlhf.rl.optimizers.base import PolicyOptimizer
 from lit_rlhf.rl.policy import PolicyModels
 from lit_rlhf.rl.scoring import RewardFn, score
 
-
-def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end a response: the tokenizer's EOS and every EOS of the model's generation config."""
-    config_eos = model.generation_config.eos_token_id
-    config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
-    return sorted({tokenizer.eos_token_id, *config_eos} - {None})
-
-
-class Sampler(ABC):
-    """Turns left-padded prompts into sampled sequences; one subclass per backend.
-
-    Args:
-        tokenizer: The policy's tokenizer (its pad id fills finished rows; stop strings are matched on its text).
-        stop_token_ids: Tokens that end a response.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_token_ids: list[int]) -> None:
-        self.tokenizer, self.stop_token_ids = tokenizer, stop_token_ids
-
-    @abstractmethod
-    def sample(
-        self,
-        policy: nn.Module,
-        prompt_ids: Tensor,
-        prompt_mask: Tensor,
-        options: GenerationOptions,
-        processor: LogitsProcessor | None = None,
-    ) -> Tensor:
-        """Sequences of prompts and responses; responses are padded after their stop.
-
-        Shape: prompt_ids, prompt_mask (B, P) -> (B, P+T), T <= ``options.max_new_tokens``.
-        """
-
-    def refresh(self, policy: nn.Module) -> None:
-        """Called after every update: a backend that holds its own copy of the weights takes the new ones."""
-        return None
-
-    def released(self) -> Any:
-        """A context during which the backend may give its memory back (the update runs inside it)."""
-        return nullcontext()
-
-
-class NativeSampler(Sampler):
-    """Our decoding loop (``lit_rlhf.rl.decoding.sample``): the model's KV cache, transformers' logits processors
-    and stop criteria, inverse-CDF draws; faster than ``generate`` on a CPU, same distribution, same greedy output."""
-
-    def sample(self, policy, prompt_ids, prompt_mask, options, processor=None) -> Tensor:
-        pad = self.tokenizer.pad_token_id
-        return sample(policy, prompt_ids, prompt_mask, options, self.stop_token_ids, pad, processor, self.tokenizer)
-
-
-class HFSampler(Sampler):
-    """transformers' ``generate``.
-
-    Args:
-        synced_gpus: Under FSDP every decoding step all-gathers each layer's shards, so all ranks must run the same
-            number of steps: those that finish early keep stepping until the last one is done.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_token_ids: list[int], synced_gpus: bool = False):
-        super().__init__(tokenizer, stop_token_ids)
-        self.synced_gpus = synced_gpus
-
-    def sample(self, policy, prompt_ids, prompt_mask, options, processor=None) -> Tensor:
-        return policy.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            generation_config=options.to_hf(self.stop_token_ids, self.tokenizer.pad_token_id),
-            logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
-            tokenizer=self.tokenizer if options.stop_strings else None,
-            synced_gpus=self.synced_gpus,
-        )
+if TYPE_CHECKING:
+    from lit_rlhf.rl.vllm import VLLMOptions
 
 
 def make_sampler(
-    backend: Literal["native", "hf"], tokenizer: PreTrainedTokenizerBase, stop_token_ids: list[int], sharded: bool
+    backend: Literal["native", "hf", "vllm"],
+    tokenizer: PreTrainedTokenizerBase,
+    stop_token_ids: list[int],
+    sharded: bool = False,
+    vllm: VLLMOptions | None = None,
+    model_path: str | None = None,
+    lora: LoraOptions | None = None,
+    world_size: int = 1,
 ) -> Sampler:
-    """The sampler of a ``rollout_backend`` (``lit_rlhf.rl.vllm.VLLMSampler`` is the third). Weights sharded across
-    processes (FSDP) need ``generate``'s synced steps, so ``native`` hands over to ``hf`` there."""
+    """The sampler of a ``rollout_backend``. Weights sharded across processes (FSDP) need ``generate``'s synced
+    steps, so ``native`` hands over to ``hf`` there; ``vllm`` starts an engine on ``model_path`` (the policy's
+    initial weights), one per process."""
+    if backend == "vllm":
+        from lit_rlhf.rl.vllm import VLLMOptions, VLLMSampler
+
+        return VLLMSampler(tokenizer, stop_token_ids, model_path, vllm or VLLMOptions(), lora, world_size)
     if backend == "native" and not sharded:
         return NativeSampler(tokenizer, stop_token_ids)
     return HFSampler(tokenizer, stop_token_ids, synced_gpus=sharded)

@@ -19,20 +19,21 @@ from lit_rlhf.finetuning import Exportable, SchedulerName, adamw, lr_schedule, r
 from lit_rlhf.hparams import make_plain
 from lit_rlhf.models import DType, LoraOptions, is_quantised, load_tokenizer, resolve
 from lit_rlhf.rl.checks import check_arguments, upgrade_checkpoint
-from lit_rlhf.rl.decoding import GenerationOptions
+from lit_rlhf.rl.decoding import GenerationOptions, Sampler
 from lit_rlhf.rl.experience import Experience, PolicyOutputs
-from lit_rlhf.rl.generation import PolicyGenerator, Sampler, make_sampler
+from lit_rlhf.rl.generation import PolicyGenerator, make_sampler
 from lit_rlhf.rl.kl import FixedKL, KLController, KLEstimator, kl_estimate
 from lit_rlhf.rl.losses import approx_kl
 from lit_rlhf.rl.optimizers import PPO, PolicyOptimizer
 from lit_rlhf.rl.policy import PolicyModels
 from lit_rlhf.rl.scoring import RewardFn, RewardShaping, to_experience
 from lit_rlhf.rl.stats import iteration_metrics
-from lit_rlhf.rl.vllm import VLLMOptions, VLLMSampler
+from lit_rlhf.rl.vllm import VLLMOptions
 from lit_rlhf.rng import rng_state, seed_iteration, set_rng_state
 from lit_rlhf.scale import (
     check_strategy,
     clip_grad_norm,
+    float_mean_over_ranks,
     fsdp_root,
     gather_flat,
     is_sharded,
@@ -51,7 +52,7 @@ class RLHFModule(Exportable, L.LightningModule):
     the optimizer steps of ``algorithm.schedule`` on ``algorithm.loss``. Sampling and scoring go through
     ``generator`` (a ``PolicyGenerator`` over ``models``), which works without any algorithm too. Note that
     ``trainer.global_step`` (and so ``trainer.max_steps``) counts optimizer steps, not iterations; bound iterations
-    with ``trainer.max_epochs`` and ``trainer.limit_train_batches``. Forwards run with dropout off, so the first
+    with ``max_iterations``. Forwards run with dropout off, so the first
     minibatch's ratio π/π_old is exactly 1. Don't set ``trainer.gradient_clip_val``: use ``max_grad_norm``.
 
     Args:
@@ -77,8 +78,10 @@ class RLHFModule(Exportable, L.LightningModule):
         value_learning_rate: Learning rate of the critic; None uses ``learning_rate``.
         scheduler: Learning-rate schedule over iterations (both groups): ``constant``, or ``linear`` / ``cosine``
             decay to 0 at ``schedule_iterations``, which settles the policy instead of drifting with the last updates.
-        schedule_iterations: Iterations the schedule spans; None: the Trainer's estimate of training batches
-            (``max_epochs`` × batches per epoch, or ``max_steps``).
+        schedule_iterations: Iterations the schedule spans; None: ``max_iterations``, else the Trainer's estimate of
+            training batches (``max_epochs`` × batches per epoch).
+        max_iterations: Stop fitting after this many RL iterations, wherever that falls in an epoch of prompts (not
+            ``trainer.max_steps``: that counts optimizer steps, several per iteration); None: the Trainer decides.
         optimizer: Optimizer factory over parameter groups, e.g. ``torch.optim.AdamW`` or a bitsandbytes 8-bit
             optimizer; the groups' learning rates come from ``learning_rate`` / ``value_learning_rate``.
             None: AdamW without weight decay, fused into one kernel where the device has one (``finetuning.adamw``).
@@ -129,6 +132,7 @@ class RLHFModule(Exportable, L.LightningModule):
         value_learning_rate: float | None = None,
         scheduler: SchedulerName = "constant",
         schedule_iterations: int | None = None,
+        max_iterations: int | None = None,
         optimizer: OptimizerCallable | None = None,
         max_grad_norm: float | None = 1.0,
         gradient_accumulation_steps: int = 1,
@@ -157,7 +161,8 @@ class RLHFModule(Exportable, L.LightningModule):
         self.kl_estimator = kl_estimator
         self.generation = generation
         self.learning_rate, self.value_learning_rate = learning_rate, value_learning_rate
-        self.scheduler, self.schedule_iterations = scheduler, schedule_iterations
+        self.scheduler, self.schedule_iterations = scheduler, schedule_iterations or max_iterations
+        self.max_iterations = max_iterations
         self._optimizer_factory = optimizer
         self.max_grad_norm, self.gradient_accumulation_steps = max_grad_norm, gradient_accumulation_steps
         self.shaping = RewardShaping(missing_eos_penalty, normalize_reward, reward_clip)
@@ -177,13 +182,12 @@ class RLHFModule(Exportable, L.LightningModule):
         return self.models.policy
 
     def _sampler(self) -> Sampler:
-        stop_ids = self.generator.stop_token_ids
-        if self.rollout_backend == "vllm":
-            world_size = self.trainer.world_size if self._trainer is not None else 1
-            return VLLMSampler(
-                self.tokenizer, stop_ids, resolve(self.hparams.policy), self.vllm_options, self.lora, world_size
-            )
-        return make_sampler(self.rollout_backend, self.tokenizer, stop_ids, sharded=is_sharded(self))
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        path = resolve(self.hparams.policy)
+        options = (self.vllm_options, path, self.lora, world_size)
+        return make_sampler(
+            self.rollout_backend, self.tokenizer, self.generator.stop_token_ids, is_sharded(self), *options
+        )
 
     def setup(self, stage: str) -> None:
         check_strategy(self, quantised=is_quantised(self.policy))
@@ -253,17 +257,14 @@ class RLHFModule(Exportable, L.LightningModule):
         if self.scheduler != "constant":
             self.lr_schedulers().step()
         self.iteration += 1
+        if self.max_iterations is not None and self.iteration >= self.max_iterations and self._trainer is not None:
+            self.trainer.should_stop = True
         return {
             "prompts": samples.prompts,
             "completions": samples.completions,
             "scores": rollout.raw_scores.cpu(),
             "metrics": {key: value.item() for key, value in metrics.items()},
         }
-
-    def _mean_over_ranks(self, value: float) -> float:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return value
-        return float(self.trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="mean"))
 
     def update_reuses_rollout_forward(self) -> bool:
         """Whether this iteration's update starts from the rollout's policy forward (see ``reuse_rollout_forward``).
@@ -330,7 +331,7 @@ class RLHFModule(Exportable, L.LightningModule):
                 for key, value in step_metrics.items():
                     totals[key] += value
                 # Every rank must take the same number of steps (each backward is a collective): decide on the mean.
-                approx = self._mean_over_ranks(step_metrics["policy/approx_kl"])
+                approx = float_mean_over_ranks(self, step_metrics["policy/approx_kl"])
                 if schedule.target_kl is not None and approx > schedule.target_kl:
                     early_stop = True
                     break
@@ -376,15 +377,11 @@ class RLHFModule(Exportable, L.LightningModule):
             "reward_moments": self.shaping.moments.state_dict(),
             "rng": rng_state(),
         }
-        # The reference is the initial policy, rebuilt from `policy` on load: no need to store a second model.
-        for key in [k for k in checkpoint["state_dict"] if k.startswith("models.reference.")]:
-            del checkpoint["state_dict"][key]
+        self.models.drop_reference(checkpoint["state_dict"], prefix="models.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         upgrade_checkpoint(checkpoint)
-        if self.models.reference is not None:
-            for key, value in self.models.reference.state_dict().items():
-                checkpoint["state_dict"].setdefault(f"models.reference.{key}", value)
+        self.models.restore_reference(checkpoint["state_dict"], prefix="models.")
         state = checkpoint.get("rlhf")
         if state is None:
             return

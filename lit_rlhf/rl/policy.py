@@ -253,6 +253,18 @@ class PolicyModels(nn.Module):
             groups.append({"params": [p for p in self.critic.parameters() if p.requires_grad], "lr": lr})
         return groups
 
+    def drop_reference(self, state_dict: dict[str, Tensor], prefix: str = "") -> None:
+        """Remove the reference's weights from a state dict being saved: the reference is the initial policy, which
+        ``restore_reference`` rebuilds on load, so checkpoints need not store a second model."""
+        for key in [k for k in state_dict if k.startswith(f"{prefix}reference.")]:
+            del state_dict[key]
+
+    def restore_reference(self, state_dict: dict[str, Tensor], prefix: str = "") -> None:
+        """Put this reference's (initial) weights back into a state dict saved by ``drop_reference``."""
+        if self.reference is not None:
+            for key, value in self.reference.state_dict().items():
+                state_dict.setdefault(f"{prefix}reference.{key}", value)
+
     def full_precision_heads(self) -> None:
         """Keep the LM heads of the policy and the reference in float32 under autocast (see ``full_precision_head``)."""
         for model in (self.policy, self.reference):

@@ -17,8 +17,7 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from lit_rlhf.models import LoraOptions
-from lit_rlhf.rl.decoding import GenerationOptions
-from lit_rlhf.rl.generation import Sampler
+from lit_rlhf.rl.decoding import GenerationOptions, Sampler
 
 INSTALL_HINT = "rollout_backend: vllm needs vLLM on a CUDA machine: `pip install lit-rlhf[vllm]`."
 

@@ -29,12 +29,12 @@ def test_every_module_argument_is_a_key_of_its_section_with_the_modules_default(
     for section, module in ((config.rl, RLHFModule), (config.reward, RewardModelModule)):
         assert set(inspect.signature(module).parameters) - {"policy"} <= set(section.model)
         for name, default in defaults(module).items():
-            if name in ("rollout_seed", "schedule_iterations"):  # derived: the pipeline's seed, rl.iterations
+            if name in ("rollout_seed", "max_iterations"):  # derived: the pipeline's seed, rl.iterations
                 continue
             if isinstance(default, (int, float, str, bool, type(None))):
                 assert section.model[name] == default, (module.__name__, name)
-    assert (config.rl.model["rollout_seed"], config.rl.model["schedule_iterations"]) == (0, config.rl.iterations)
-    assert parse("--seed", "3", "--rl.iterations", "7").rl.model["schedule_iterations"] == 7
+    assert (config.rl.model["rollout_seed"], config.rl.model["max_iterations"]) == (0, config.rl.iterations)
+    assert parse("--seed", "3", "--rl.iterations", "7").rl.model["max_iterations"] == 7
 
 
 @pytest.mark.parametrize("recipe", ["ppo_tiny", "a2c_tiny", "nlpo_tiny", "ppo_smollm2"])
@@ -48,7 +48,7 @@ def test_a_recipes_model_block_pastes_into_the_rl_section(recipe, tmp_path):
     config = parse("--config", str(path))
     assert type(config.rl.model["algorithm"]).__name__ == model["algorithm"]["class_path"].rsplit(".", 1)[1]
     assert config.rl.model["reward"] is not None  # the recipe's own reward, used instead of the learned one
-    assert config.rl.model["schedule_iterations"] == 3
+    assert config.rl.model["max_iterations"] == 3
 
 
 def test_the_stage_trainer_options_are_typed_with_the_pipelines_defaults(tmp_path):
