@@ -250,7 +250,8 @@ def load_examples(
     counts why in ``counts``).
 
     Returns:
-        The examples and counts: ``rows`` read, ``kept``, ``invalid`` (skipped bad rows) plus the parser's own keys.
+        The examples and counts: ``rows`` read, ``kept``, ``invalid`` (skipped bad rows, the break of a damaged
+        ``.gz`` archive among them) plus the parser's own keys.
 
     Raises:
         DataFormatError: on the first bad row unless ``skip_invalid``.
@@ -259,6 +260,7 @@ def load_examples(
     counts: Counter = Counter(rows=0, kept=0, invalid=0)
     examples: list[T] = []
     first_errors: list[str] = []
+    last_error = ""
     for line, row in iter_rows(source, split, hub_kwargs):
         counts["rows"] += 1
         try:
@@ -271,6 +273,7 @@ def load_examples(
             counts["invalid"] += 1
             if len(first_errors) < 3:
                 first_errors.append(str(err))
+            last_error = str(err)
             continue
         if example is not None:
             examples.append(example)
@@ -281,7 +284,10 @@ def load_examples(
     dropped = counts["rows"] - counts["kept"]
     if dropped:
         detail = "; first errors: " + " | ".join(first_errors) if first_errors else ""
+        if counts["invalid"] > len(first_errors):  # a broken archive is the last error, and a reason to re-fetch
+            detail += f"; last error: {last_error}"
         log.warning("%s: dropped %d of %d rows (%s)%s", label, dropped, counts["rows"], summary, detail)
     if not examples:
-        raise ValueError(f"{label}: no usable rows ({summary}).")
+        reason = f"; first error: {first_errors[0]}" if first_errors else ""
+        raise ValueError(f"{label}: no usable rows ({summary}){reason}.")
     return examples, stats

@@ -194,3 +194,19 @@ def test_the_first_half_of_the_hh_dev_archive(tmp_path, caplog):
     assert 0 < len(examples) < len(full) and examples == full[: len(examples)]
     assert (stats["rows"], stats["invalid"]) == (read + 1, 1)
     assert f"{path}:{read + 1}: field '<row>': the gzip archive ends early after line {read}" in caplog.text
+
+
+def test_the_warning_and_the_no_rows_error_say_why(tmp_path, caplog):
+    # Four lines of bad JSON, one good row, then (after a sync flush) the archive stops.
+    packer = zlib.compressobj(wbits=31)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(packer.compress(b"{\n" * 4 + encoded(pair("p")) + b"\n") + packer.flush(zlib.Z_SYNC_FLUSH))
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.data.sources"):
+        assert read_preferences(path, skip_invalid=True) == [PreferenceExample("p", "c", "r")]
+    assert "dropped 5 of 6 rows" in caplog.text  # the first three errors are listed, and the break, which is last
+    assert f"; last error: {path}:6: field '<row>': the gzip archive ends early after line 5" in caplog.text
+
+    garbage = tmp_path / "garbage.jsonl.gz"
+    garbage.write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=f"no usable rows .*; first error: {garbage}:1: field '<row>': the gzip"):
+        read_preferences(garbage, skip_invalid=True)
