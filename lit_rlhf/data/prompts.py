@@ -55,6 +55,7 @@ def read_prompts(
     split: str = "train",
     limit: int | None = None,
     hub_kwargs: Mapping[str, Any] | None = None,
+    skip_invalid: bool = False,
 ) -> list[Prompt]:
     """Read prompts (``prompt`` text or ``messages`` rows) from a file, folder or hub dataset, or the packaged set.
 
@@ -64,9 +65,11 @@ def read_prompts(
         split: ``train`` or ``heldout`` for the packaged set; the split name for a folder or hub dataset.
         limit: Keep only the first ``limit`` prompts.
         hub_kwargs: Extra ``datasets.load_dataset`` arguments.
+        skip_invalid: Skip and count bad rows (and the unreadable rest of a broken ``.gz`` archive) instead of
+            raising :class:`~lit_rlhf.data.errors.DataFormatError`; the counts and first errors are logged.
     """
     source = _source(path, split)
-    prompts, _ = load_examples(source, _parse_prompt, split, hub_kwargs=hub_kwargs, what="prompts")
+    prompts, _ = load_examples(source, _parse_prompt, split, skip_invalid, hub_kwargs, what="prompts")
     if limit is not None:
         if limit <= 0:
             raise ValueError(f"limit must be positive or None, got {limit}.")
@@ -74,9 +77,18 @@ def read_prompts(
     return prompts
 
 
-def load_prompts(path: str | None = None, split: str = "train", limit: int | None = None) -> list[str]:
-    """Raw prompt texts (see :func:`read_prompts`); ``load_prompts()`` is the packaged training set."""
-    return [prompt.text for prompt in read_prompts(path, split, limit)]
+def load_prompts(
+    path: str | None = None, split: str = "train", limit: int | None = None, skip_invalid: bool = False
+) -> list[str]:
+    """Raw prompt texts; ``load_prompts()`` is the packaged training set.
+
+    Args:
+        path: Prompt file, dataset folder or hub name; None for the packaged set (see :func:`read_prompts`).
+        split: ``train`` or ``heldout`` for the packaged set; the split name for a folder or hub dataset.
+        limit: Keep only the first ``limit`` prompts.
+        skip_invalid: Skip and count bad rows instead of raising :class:`~lit_rlhf.data.errors.DataFormatError`.
+    """
+    return [prompt.text for prompt in read_prompts(path, split, limit, skip_invalid=skip_invalid)]
 
 
 class PromptDataset(Dataset):
@@ -115,6 +127,7 @@ class PromptDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         limit: int | None = None,
         val_limit: int | None = None,
+        skip_invalid: bool = False,
         num_workers: int = 0,
         hub_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -137,6 +150,9 @@ class PromptDataModule(L.LightningDataModule):
             system_prompt: System message put before every prompt (a text prefix when no chat template is used).
             limit: Use only the first ``limit`` training prompts (quick runs).
             val_limit: Use only the first ``val_limit`` evaluation prompts.
+            skip_invalid: Skip and count bad rows instead of stopping at the first with a ``DataFormatError`` (bad
+                JSON, bytes that are not UTF-8, no prompt, the unreadable rest of a broken ``.gz`` archive); the
+                counts are logged.
             num_workers: DataLoader worker processes.
             hub_kwargs: Extra ``datasets.load_dataset`` arguments for folder / hub sources.
         """
@@ -149,6 +165,7 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_length, self.batch_size, self.shuffle, self.seed = max_prompt_length, batch_size, shuffle, seed
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.limit, self.val_limit, self.num_workers, self.hub_kwargs = limit, val_limit, num_workers, hub_kwargs
+        self.skip_invalid = skip_invalid
         self.datasets: dict[str, PromptDataset] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
@@ -170,9 +187,11 @@ class PromptDataModule(L.LightningDataModule):
     def _load(self, which: str) -> PromptDataset | None:
         if which not in self.datasets:
             if which == "train":
-                prompts = read_prompts(self.path, self.split, self.limit, self.hub_kwargs)
+                prompts = read_prompts(self.path, self.split, self.limit, self.hub_kwargs, self.skip_invalid)
             elif self.val_path is not None or self.path is None:
-                prompts = read_prompts(self.val_path, self.val_split, self.val_limit, self.hub_kwargs)
+                prompts = read_prompts(
+                    self.val_path, self.val_split, self.val_limit, self.hub_kwargs, self.skip_invalid
+                )
             else:
                 return None
             ids = [

@@ -1,11 +1,12 @@
-"""Prompts for RL: the packaged prompt set and PromptDataModule batches (left padding, chat template, raw text,
-system prompt, truncation)."""
+"""Prompts for RL: the packaged prompt set, PromptDataModule batches (left padding, chat template, raw text,
+system prompt, truncation) and bad prompt rows skipped on request."""
 
 import pytest
 
-from lit_rlhf.data.prompts import PACKAGED_DIR, PromptDataModule, load_prompts
+from lit_rlhf.data.errors import DataFormatError
+from lit_rlhf.data.prompts import PACKAGED_DIR, PromptDataModule, load_prompts, read_prompts
 from lit_rlhf.models import MINILM, TINY_LLAMA
-from tests.data.test_support import write_jsonl
+from tests.data.test_support import write_bytes, write_jsonl
 
 
 def test_packaged_prompts():
@@ -67,3 +68,17 @@ def test_prompt_module_without_chat_template_adds_cls():
     assert (batch["input_ids"][:, -1] != tok.pad_token_id).all()
     first = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
     assert first[0] == tok.cls_token_id and tok.sep_token_id not in first
+
+
+@pytest.mark.parametrize("name", ["prompts.jsonl", "prompts.jsonl.gz"])
+def test_bad_prompt_rows_skipped_on_request(tmp_path, name):
+    # Line 2 is "café" saved as latin-1, line 3 has no prompt.
+    lines = [b'{"prompt": "first"}', b'{"prompt": "caf\xe9"}', b"{}", b'{"prompt": "last"}']
+    path = str(write_bytes(tmp_path / name, lines))
+    with pytest.raises(DataFormatError, match=f"^{path}:2: field '<row>': not valid UTF-8: byte 0xe9 at column 16"):
+        read_prompts(path)
+    assert [p.text for p in read_prompts(path, skip_invalid=True)] == ["first", "last"]
+    assert load_prompts(path, skip_invalid=True) == ["first", "last"]
+    dm = PromptDataModule(TINY_LLAMA, path=path, skip_invalid=True, shuffle=False)
+    dm.setup("fit")
+    assert dm.datasets["train"].texts == ["first", "last"]
