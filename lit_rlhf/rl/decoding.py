@@ -47,6 +47,11 @@ class GenerationOptions:
     """Texts that end a response besides the EOS token; the completion text is cut before them."""
     num_samples: int = 1
     """Responses sampled per prompt; rows of one prompt are adjacent and share a ``group`` id."""
+    suppress_special_tokens: bool = True
+    """Never sample special tokens other than the stop tokens (``<unk>``, padding, chat markup such as
+    ``<|im_start|>``), and leave them out of log-probs and KL too. Completion texts drop special tokens before the
+    reward sees them, so without this a policy can be paid for text that is not there (empty-looking answers of
+    ``<unk>`` earned the top score under NLPO)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -209,6 +214,26 @@ def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
     """The text before the earliest stop string (the whole text when none occurs)."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase, stop_token_ids: list[int]) -> list[int]:
+    """The special tokens a response may not contain: every special or added-special token of ``tokenizer`` except
+    the stop tokens, which end a response."""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return sorted(special - set(stop_token_ids))
+
+
+class Suppress(LogitsProcessor):
+    """Sets the scores of ``token_ids`` to -inf at every decoding step, before ``then`` (an algorithm's processor),
+    if any. ``__call__``: input_ids (B, L), scores (B, V) -> (B, V)."""
+
+    def __init__(self, token_ids: Tensor, then: LogitsProcessor | None = None) -> None:
+        self.token_ids, self.then = token_ids, then
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        scores = scores.index_fill(-1, self.token_ids.to(scores.device), float("-inf"))
+        return self.then(input_ids, scores) if self.then is not None else scores
 
 
 def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -19,10 +19,12 @@ from lit_rlhf.rl.decoding import (
     HFSampler,
     NativeSampler,
     Sampler,
+    Suppress,
     cut_at_stop_strings,
     stop_mask,
     stop_string_positions,
     stop_token_ids,
+    suppressed_token_ids,
 )
 from lit_rlhf.rl.experience import Rollout, Samples
 from lit_rlhf.rl.optimizers.base import PolicyOptimizer
@@ -77,7 +79,13 @@ class PolicyGenerator:
     ) -> None:
         self.models, self.tokenizer, self.options, self.reward = models, tokenizer, options, reward
         self.stop_token_ids = stop_token_ids(models.policy, tokenizer)
+        self.suppressed = torch.tensor(suppressed_token_ids(tokenizer, self.stop_token_ids), dtype=torch.long)
         self.sampler = sampler or NativeSampler(tokenizer, self.stop_token_ids)
+
+    def banned(self, options: GenerationOptions | None = None) -> Tensor | None:
+        """The token ids responses may not contain under ``options`` (None: the generator's): the special tokens
+        other than the stop tokens, unless ``suppress_special_tokens`` is off."""
+        return self.suppressed if (options or self.options).suppress_special_tokens else None
 
     @classmethod
     def load(
@@ -131,6 +139,8 @@ class PolicyGenerator:
         if k > 1:
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
         processor = make_processor(prompt_ids, prompt_mask) if make_processor is not None else None
+        if options.suppress_special_tokens and self.suppressed.numel():
+            processor = Suppress(self.suppressed, processor)
         sequences = self.sampler.sample(self.models.policy, prompt_ids, prompt_mask, options, processor)
         response_ids = sequences[:, prompt_ids.shape[1] :]
         response_mask, stopped, completions = self.finish(response_ids, options)
@@ -162,11 +172,12 @@ class PolicyGenerator:
         transform = None
         if algorithm is not None:
             transform = algorithm.logits_transform(policy, sequences, attention_mask, length)
+        banned = self.banned()
         with torch.enable_grad() if keep_graph else nullcontext():
             graph = self.models.outputs(
-                sequences, attention_mask, length, temperature, transform, algorithm is not None
+                sequences, attention_mask, length, temperature, transform, algorithm is not None, banned
             )
-        ref_logprobs = self.models.reference_logprobs(sequences, attention_mask, length, temperature)
+        ref_logprobs = self.models.reference_logprobs(sequences, attention_mask, length, temperature, banned)
         seconds["forward"] = time.perf_counter() - clock
         return Rollout(samples, raw, graph.detach(), ref_logprobs, seconds, graph if keep_graph else None)
 

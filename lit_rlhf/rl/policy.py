@@ -90,6 +90,26 @@ def logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), _entropy(logp)
 
 
+def restrict(
+    logits: Tensor, temperature: float = 1.0, banned: Tensor | None = None, tokens: Tensor | None = None
+) -> Tensor:
+    """The logits of the distribution responses are sampled from: divided by ``temperature``, with the ``banned``
+    token ids at -inf, except where ``tokens`` holds one: the padding after a response's stop may be a banned id, and
+    its log-prob must stay finite (it is masked out, but -inf · 0 would be nan).
+
+    Shape: logits (B, T, V), banned (K,) long, tokens (B, T) -> (B, T, V).
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
+    if banned is not None and banned.numel():
+        masked = logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+        if tokens is not None:
+            index = tokens.unsqueeze(-1)
+            masked = masked.scatter(-1, index, logits.gather(-1, index))
+        logits = masked
+    return logits
+
+
 def full_precision_head(model: nn.Module) -> bool:
     """Run ``model``'s output embedding (the LM head) outside autocast, in its weights' dtype; returns whether it
     changed anything (False when already done or the model has no output embedding).
@@ -279,9 +299,11 @@ class PolicyModels(nn.Module):
         temperature: float = 1.0,
         transform: LogitsTransform | None = None,
         critic: bool = True,
+        banned: Tensor | None = None,
     ) -> PolicyOutputs:
-        """The policy's log-probs and entropy on the response, at logits divided by ``temperature`` and then passed
-        through ``transform``; with ``critic``, the critic's values too.
+        """The policy's log-probs and entropy on the response, at logits divided by ``temperature``, with the
+        ``banned`` token ids (never sampled) masked out, then passed through ``transform``; with ``critic``, the
+        critic's values too.
 
         Shape: sequences (B, P+T), attention_mask (B, P+T) -> PolicyOutputs of (B, T).
         """
@@ -289,8 +311,8 @@ class PolicyModels(nn.Module):
         logits, hidden = causal_lm_forward(
             self.policy, sequences, attention_mask, prompt_length, output_hidden_states=shared_value
         )
-        if temperature != 1.0:
-            logits = logits / temperature
+        response = sequences[:, prompt_length:]
+        logits = restrict(logits, temperature, banned, response)
         if transform is not None:
             logits = transform(logits)
         values = None
@@ -298,13 +320,20 @@ class PolicyModels(nn.Module):
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         elif critic and self.value_model is not None:
             values = self.value_model(sequences, attention_mask)[:, prompt_length - 1 : -1].float()
-        logprobs, entropy = logprobs_and_entropy(logits, sequences[:, prompt_length:])
+        logprobs, entropy = logprobs_and_entropy(logits, response)
         return PolicyOutputs(logprobs, entropy, values)
 
     def reference_logprobs(
-        self, sequences: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0
+        self,
+        sequences: Tensor,
+        attention_mask: Tensor,
+        prompt_length: int,
+        temperature: float = 1.0,
+        banned: Tensor | None = None,
     ) -> Tensor:
-        """Log-probs of the response under the frozen reference. Shape: (B, P+T) -> (B, T)."""
+        """Log-probs of the response under the frozen reference, at the same temperature and on the same tokens as
+        the policy (``banned`` masked out), so that the KL between the two is 0 at the start. Shape: (B, P+T) ->
+        (B, T)."""
         if self.reference is not None:
             logits, _ = causal_lm_forward(self.reference, sequences, attention_mask, prompt_length)
         elif hasattr(self.policy, "disable_adapter"):
@@ -312,6 +341,5 @@ class PolicyModels(nn.Module):
                 logits, _ = causal_lm_forward(self.policy, sequences, attention_mask, prompt_length)
         else:
             raise RuntimeError("These PolicyModels were loaded without a reference (reference=False).")
-        if temperature != 1.0:
-            logits = logits / temperature
-        return logprobs_from_logits(logits, sequences[:, prompt_length:])
+        response = sequences[:, prompt_length:]
+        return logprobs_from_logits(restrict(logits, temperature, banned, response), response)

@@ -1,6 +1,7 @@
 """``PolicyGenerator`` (``lit_rlhf.rl.generation``): completions cut at their first stop, the backends behind
 one ``Sampler`` interface giving the same rollouts, sampling without any algorithm."""
 
+import pytest
 import torch
 
 from lit_rlhf.rl import GenerationOptions
@@ -31,3 +32,20 @@ def test_rlhf_module_samples_natively_by_default_and_hf_on_request():
     rollouts = [m.generator.rollout(batch) for m in (native, hf)]
     assert torch.equal(rollouts[0].samples.response_ids, rollouts[1].samples.response_ids)
     torch.testing.assert_close(rollouts[0].outputs.logprobs, rollouts[1].outputs.logprobs)
+
+
+@pytest.mark.parametrize("suppress", [True, False])
+def test_special_tokens_other_than_the_stops_are_never_sampled_by_default(suppress):
+    # A reward sees completions with special tokens dropped: a policy that writes <unk> or <pad> looks empty to it.
+    options = GenerationOptions(max_new_tokens=12, num_samples=8, suppress_special_tokens=suppress)
+    module = tiny_module(generation=options)
+    torch.manual_seed(0)
+    rollout = module.generator.rollout(prompt_batch(PROMPTS))
+    samples = rollout.samples
+    banned = torch.isin(samples.response_ids, module.generator.suppressed) & samples.response_mask.bool()
+    assert module.generator.suppressed.tolist() == [0, 1, 2]  # <pad>, <unk>, <|im_start|>; <|im_end|> stops
+    if suppress:
+        assert not banned.any()
+        assert torch.isfinite(rollout.outputs.logprobs).all() and torch.isfinite(rollout.ref_logprobs).all()
+    else:  # 64 rows × 12 steps of a random model over 104 tokens: the special ones do turn up
+        assert banned.any()

@@ -8,6 +8,7 @@ import torch
 
 from lit_rlhf.rewards import LengthReward
 from lit_rlhf.rl import GenerationOptions
+from lit_rlhf.rl.decoding import Suppress
 from lit_rlhf.rl.policy import (
     entropy_from_logits,
     full_precision_head,
@@ -61,9 +62,12 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str
     return {name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())}
 
 
-def test_logprobs_match_the_sampling_distribution():
-    # The training forward (left padding, position ids, temperature) must reproduce generate's sampling log-probs.
-    module = tiny_module(generation=GenerationOptions(max_new_tokens=6, temperature=0.7))
+@pytest.mark.parametrize("suppress", [True, False], ids=["special-tokens-suppressed", "full-vocabulary"])
+def test_logprobs_match_the_sampling_distribution(suppress):
+    # The training forward (left padding, position ids, temperature, suppressed special tokens) must reproduce the
+    # log-probs of generate's sampling distribution.
+    options = GenerationOptions(max_new_tokens=6, temperature=0.7, suppress_special_tokens=suppress)
+    module = tiny_module(generation=options)
     module.eval()
     batch = prompt_batch(PROMPTS)
     config = module.generation.to_hf(module.generator.stop_token_ids, module.tokenizer.pad_token_id)
@@ -72,6 +76,7 @@ def test_logprobs_match_the_sampling_distribution():
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         generation_config=config,
+        logits_processor=[Suppress(module.generator.suppressed)] if suppress else None,
         output_scores=True,
         return_dict_in_generate=True,
     )
