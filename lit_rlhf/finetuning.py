@@ -4,7 +4,7 @@ the export to plain transformers checkpoints (LoRA merged)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +89,20 @@ def lr_schedule(
     return {"scheduler": schedule, "interval": "step"}
 
 
+def check_finite(parameters: Iterable[torch.nn.Parameter], where: str, advice: str) -> None:
+    """Stop the run when a trained weight is no longer finite (nan or inf), before a callback can checkpoint or export
+    it: one norm over the trainable parameters, which is nan or inf exactly when one of them is."""
+    tensors = [p.detach() for p in parameters if p.requires_grad]
+    if tensors and not torch.isfinite(torch.nn.utils.get_total_norm(tensors)):
+        raise FloatingPointError(f"{where}: trained weights are no longer finite (nan or inf); {advice}")
+
+
+def check_finite_loss(loss: torch.Tensor, where: str, advice: str) -> None:
+    """Stop the run at a loss that is nan or inf, before its gradients reach the weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: the loss is {loss.item()}; {advice}")
+
+
 def check_finetuning_arguments(arguments: Mapping[str, Any], prefix: str = "model.") -> None:
     """Fail on ``SFTModule`` / ``RewardModelModule`` arguments that cannot work, before any weights are read; errors
     name them ``{prefix}{argument}`` as the user wrote them."""
@@ -143,6 +157,18 @@ class FineTuningModule(Exportable, L.LightningModule):
             # Non-reentrant: gradients then reach LoRA weights even though the frozen inputs need none.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+
+    finite_advice = "lower model.learning_rate, or clip gradients (trainer.gradient_clip_val)."
+    """What a run that turned non-finite should change."""
+
+    def check_loss(self, loss: torch.Tensor) -> None:
+        """Stop at a nan or inf training loss (called by the stages' ``training_step``)."""
+        check_finite_loss(loss, f"{type(self).__name__} at step {self.global_step}", self.finite_advice)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        where = f"{type(self).__name__} after optimizer step {self.global_step + 1}"
+        check_finite(self.parameters(), where, self.finite_advice)
 
     def setup(self, stage: str) -> None:
         check_strategy(self, quantised=is_quantised(self.model))

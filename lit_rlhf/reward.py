@@ -124,6 +124,7 @@ class RewardModelModule(FineTuningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         chosen, rejected = self._pair_rewards(batch)
         loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.center_rewards_coefficient)
+        self.check_loss(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen))
         self.log("train/accuracy", (chosen > rejected).float().mean(), prog_bar=True, batch_size=len(chosen))
         return loss

@@ -85,6 +85,7 @@ class SFTModule(FineTuningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, count = self._loss(batch)
+        self.check_loss(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         self.log("train/tokens", float(count), reduce_fx="sum", batch_size=len(batch["input_ids"]))
         return loss

@@ -1,5 +1,6 @@
 """What the training stages share (``lit_rlhf.finetuning``): the default fused AdamW takes torch's step."""
 
+import pytest
 import torch
 
 
@@ -34,3 +35,28 @@ def test_default_adamw_falls_back_where_there_is_no_fused_kernel():
     # torch has no fused AdamW for the meta device: the helper leaves the choice to torch instead of failing.
     on_meta = adamw([torch.nn.Parameter(torch.empty(2, device="meta"))], 0.1, 0.0)
     assert not on_meta.defaults["fused"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_an_absurd_learning_rate_stops_the_run_before_a_checkpoint_holds_bad_weights(stage, tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_rlhf.data import PreferenceDataModule, SFTDataModule
+    from lit_rlhf.reward import RewardModelModule
+    from lit_rlhf.sft import SFTModule
+
+    examples = "lit_rlhf/data/examples"
+    if stage == "sft":
+        module = SFTModule(model="tiny-llama", learning_rate=1e39, warmup_ratio=0.0, scheduler="constant")
+        data = SFTDataModule("tiny-llama", train_path=f"{examples}/sft_tiny.jsonl", batch_size=4, max_length=64)
+    else:
+        module = RewardModelModule(backbone="tiny-llama", learning_rate=1e39, warmup_ratio=0.0, scheduler="constant")
+        data = PreferenceDataModule("tiny-llama", train_path=f"{examples}/preferences_tiny.jsonl", batch_size=4)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[checkpoints], logger=False, enable_progress_bar=False, limit_val_batches=0
+    )
+    with pytest.raises(FloatingPointError, match="no longer finite .*lower model.learning_rate"):
+        trainer.fit(module, data)
+    assert not list(tmp_path.glob("*.ckpt"))  # the step that broke the weights saved nothing

@@ -15,7 +15,15 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from lit_rlhf.finetuning import Exportable, SchedulerName, adamw, lr_schedule, require_trainable
+from lit_rlhf.finetuning import (
+    Exportable,
+    SchedulerName,
+    adamw,
+    check_finite,
+    check_finite_loss,
+    lr_schedule,
+    require_trainable,
+)
 from lit_rlhf.hparams import make_plain
 from lit_rlhf.models import DType, LoraOptions, is_quantised, load_tokenizer, resolve
 from lit_rlhf.rl.checks import check_arguments, upgrade_checkpoint
@@ -27,7 +35,7 @@ from lit_rlhf.rl.losses import approx_kl
 from lit_rlhf.rl.optimizers import PPO, PolicyOptimizer
 from lit_rlhf.rl.policy import PolicyModels
 from lit_rlhf.rl.scoring import RewardFn, RewardShaping, to_experience
-from lit_rlhf.rl.stats import iteration_metrics
+from lit_rlhf.rl.stats import DegenerationWarnings, iteration_metrics
 from lit_rlhf.rl.vllm import VLLMOptions
 from lit_rlhf.rng import rng_state, seed_iteration, set_rng_state
 from lit_rlhf.scale import (
@@ -41,6 +49,8 @@ from lit_rlhf.scale import (
     skip_gradient_sync,
     uses_grad_scaler,
 )
+
+FINITE_ADVICE = "lower the learning rate, clip rewards (reward_clip) or check the reward's scale."
 
 
 class RLHFModule(Exportable, L.LightningModule):
@@ -166,6 +176,7 @@ class RLHFModule(Exportable, L.LightningModule):
         self._optimizer_factory = optimizer
         self.max_grad_norm, self.gradient_accumulation_steps = max_grad_norm, gradient_accumulation_steps
         self.shaping = RewardShaping(missing_eos_penalty, normalize_reward, reward_clip)
+        self.degeneration = DegenerationWarnings()
         self.rollout_seed = rollout_seed
         self.iteration = 0
         self.rollout_backend, self.vllm_options, self.lora = rollout_backend, vllm or VLLMOptions(), lora
@@ -204,8 +215,8 @@ class RLHFModule(Exportable, L.LightningModule):
         Shape: (B, P+T) -> PolicyOutputs of (B, T).
         """
         transform = self.algorithm.logits_transform(self.policy, sequences, attention_mask, prompt_length)
-        temperature = self.generation.logprob_temperature
-        return self.models.outputs(sequences, attention_mask, prompt_length, temperature, transform)
+        temperature, banned = self.generation.logprob_temperature, self.generator.banned()
+        return self.models.outputs(sequences, attention_mask, prompt_length, temperature, transform, banned=banned)
 
     # --- the iteration ---------------------------------------------------------------------------------------------
 
@@ -226,6 +237,7 @@ class RLHFModule(Exportable, L.LightningModule):
         start = time.perf_counter()
         with self.generator.sampler.released():
             update_metrics = self._update(experience, rollout.graph)
+        check_finite(self.parameters(), f"RLHFModule after iteration {self.iteration}'s update", FINITE_ADVICE)
         self.generator.sampler.refresh(self.policy)
         update_time = time.perf_counter() - start
 
@@ -245,26 +257,17 @@ class RLHFModule(Exportable, L.LightningModule):
         all_scores = gather_flat(self, rollout.raw_scores)
         metrics["objective/score"] = all_scores.mean().cpu()
         metrics["objective/score_std"] = all_scores.std(unbiased=False).cpu()
-        shown = ("objective/score", "objective/kl")
-        for prog_bar, group in ((True, shown), (False, [k for k in metrics if k not in shown])):
-            self.log_dict(
-                {k: metrics[k] for k in group},
-                prog_bar=prog_bar,
-                on_step=True,
-                on_epoch=False,
-                batch_size=experience.batch_size,
-            )
+        self.degeneration(metrics, self.iteration)
+        for prog_bar in (True, False):  # the score and the KL in the progress bar
+            shown = {k: v for k, v in metrics.items() if (k in ("objective/score", "objective/kl")) == prog_bar}
+            self.log_dict(shown, prog_bar=prog_bar, on_step=True, on_epoch=False, batch_size=experience.batch_size)
         if self.scheduler != "constant":
             self.lr_schedulers().step()
         self.iteration += 1
         if self.max_iterations is not None and self.iteration >= self.max_iterations and self._trainer is not None:
             self.trainer.should_stop = True
-        return {
-            "prompts": samples.prompts,
-            "completions": samples.completions,
-            "scores": rollout.raw_scores.cpu(),
-            "metrics": {key: value.item() for key, value in metrics.items()},
-        }
+        texts = {"prompts": samples.prompts, "completions": samples.completions, "scores": rollout.raw_scores.cpu()}
+        return {**texts, "metrics": {key: value.item() for key, value in metrics.items()}}
 
     def update_reuses_rollout_forward(self) -> bool:
         """Whether this iteration's update starts from the rollout's policy forward (see ``reuse_rollout_forward``).
@@ -311,11 +314,9 @@ class RLHFModule(Exportable, L.LightningModule):
                         else:
                             outputs = self.policy_outputs(part.sequences, part.attention_mask, part.prompt_ids.shape[1])
                         loss, metrics = algorithm.loss(part, outputs)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"{type(algorithm).__name__}.loss is {loss.item()} at iteration {self.iteration}; "
-                                "lower the learning rate, clip rewards (reward_clip) or check the reward's scale."
-                            )
+                        check_finite_loss(
+                            loss, f"{type(algorithm).__name__} at iteration {self.iteration}", FINITE_ADVICE
+                        )
                         weight = len(micro) / len(minibatch)
                         self.manual_backward(loss * weight)
                     metrics["policy/approx_kl"] = approx_kl(

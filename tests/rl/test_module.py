@@ -160,3 +160,20 @@ def test_update_recomputes_the_forward_when_minibatches_differ_from_the_rollout(
     calls = count_policy_forwards(module)
     trainer(1).fit(module, prompt_loader())
     assert len(calls) == 3  # the rollout's, then one per minibatch
+
+
+@pytest.mark.parametrize(
+    "algorithm, caught_by",
+    [
+        (A2C, "RLHFModule after iteration 0's update: trained weights are no longer finite"),  # its one step
+        (PPO, "PPO at iteration 0: the loss is nan"),  # the second of its steps sees the broken weights
+    ],
+)
+def test_an_absurd_learning_rate_stops_rl_before_a_checkpoint_holds_bad_weights(algorithm, caught_by, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = tiny_module(algorithm=algorithm(), learning_rate=1e39, reward=LengthReward(target=8, unit="chars"))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    with pytest.raises(FloatingPointError, match=f"{caught_by}.*lower the learning rate"):
+        trainer(2, callbacks=[checkpoints], enable_checkpointing=True).fit(module, prompt_loader())
+    assert not list(tmp_path.glob("*.ckpt"))
