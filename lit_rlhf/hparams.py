@@ -34,6 +34,12 @@ class Configurable:
         self.__dict__["_init_arguments"] = arguments
         return self
 
+    def __repr__(self) -> str:
+        arguments = self.__dict__.get("_init_arguments")
+        if arguments is None:
+            return super().__repr__()
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in arguments.items())})"
+
     @property
     def init_config(self) -> dict[str, Any] | None:
         """``{"class_path": ..., "init_args": ...}`` with plain values, or None when an argument cannot be written

@@ -16,22 +16,48 @@ RewardFn = Callable[[list[str], list[str]], Any]
 """A reward: ``(prompts, completions) -> Tensor | list[float]`` of shape (N,), one score per completion."""
 
 
+def reward_name(reward: Any) -> str:
+    """How errors name a reward: a function by its import path, an object by its class (and its repr when short)."""
+    if hasattr(reward, "__qualname__"):
+        return f"{getattr(reward, '__module__', '?')}.{reward.__qualname__}"
+    text = repr(reward)
+    name = type(reward).__name__
+    return text if len(text) <= 80 and not text.startswith("<") else name
+
+
 def score(reward: RewardFn | None, prompts: list[str], completions: list[str]) -> Tensor:
-    """Call ``reward`` and check what it returned: one finite score per completion.
+    """Call ``reward`` and check what it returned: one finite number per completion, as a 1-D tensor or list
+    ((N, 1) is taken as (N,)). Errors name the reward and show what it returned.
 
     Shape: N prompts, N completions -> (N,) float32 on the CPU or the reward's device.
     """
     if reward is None:
         raise RuntimeError("RLHFModule has no reward: set model.reward (a class_path or a function's import path).")
     out = reward(prompts, completions)
-    scores = out.detach().float().flatten() if isinstance(out, Tensor) else torch.as_tensor(out, dtype=torch.float32)
-    if scores.shape != (len(completions),):
+    name, n = reward_name(reward), len(completions)
+    if isinstance(out, Tensor):
+        if out.is_complex() or out.dtype == torch.bool:
+            raise TypeError(f"reward {name} returned a {out.dtype} tensor; it must return one float per completion.")
+        scores = out.detach().float()
+    else:
+        try:
+            scores = torch.as_tensor(out, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            shown = repr(out)
+            shown = shown if len(shown) <= 200 else shown[:200] + "..."
+            raise TypeError(
+                f"reward {name} returned {shown} ({type(out).__name__}) for {n} completions; it must return one "
+                "float per completion (a 1-D tensor or a list of numbers)."
+            ) from None
+    if scores.dim() == 2 and scores.shape[1] == 1:
+        scores = scores.squeeze(1)
+    if tuple(scores.shape) != (n,):
         raise ValueError(
-            f"reward {reward!r} returned shape {tuple(scores.shape)} for {len(completions)} completions; "
-            "it must return one score per completion (a 1-D tensor or list)."
+            f"reward {name} returned shape {tuple(scores.shape)} for {n} completions; it must return one score per "
+            "completion (a 1-D tensor or list)."
         )
     if not torch.isfinite(scores).all():
-        raise ValueError(f"reward {reward!r} returned non-finite scores: {scores.tolist()}.")
+        raise ValueError(f"reward {name} returned non-finite scores: {scores.tolist()}.")
     return scores
 
 

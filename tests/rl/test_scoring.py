@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from lit_rlhf.rewards import CharacterShareReward
 from lit_rlhf.rl.scoring import RewardShaping, RunningMoments, kl_penalized_rewards, score
 
 LN2 = math.log(2)
@@ -49,3 +50,26 @@ def test_score_shaping_and_reward_checks():
         score(None, ["a"], ["b"])
     with pytest.raises(ValueError, match="reward_clip"):
         RewardShaping(clip=0.0)
+
+
+def test_the_reward_contract_errors_name_the_reward_and_what_it_returned():
+    def labels(prompts, completions):
+        return ["good"] * len(completions)
+
+    with pytest.raises(TypeError, match=r"reward tests\.rl\.test_scoring\.[\w.<>]*labels returned \['good', 'good'\]"):
+        score(labels, ["a", "b"], ["c", "d"])
+    with pytest.raises(TypeError, match=r"returned None \(NoneType\) for 2 completions"):
+        score(lambda prompts, completions: None, ["a", "b"], ["c", "d"])
+    # A 2-D score is reported with its own shape, not the flattened one; (N, 1) is one score per completion.
+    with pytest.raises(ValueError, match=r"returned shape \(2, 3\) for 2 completions"):
+        score(lambda prompts, completions: torch.zeros(2, 3), ["a", "b"], ["c", "d"])
+    assert score(lambda prompts, completions: torch.ones(2, 1), ["a", "b"], ["c", "d"]).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"reward OneScore\(target='a'\) returned shape \(1,\)"):
+        score(OneScore("a"), ["a", "b"], ["c", "d"])
+
+
+class OneScore(CharacterShareReward):
+    """Scores only the first completion: a reward with the wrong output length."""
+
+    def __call__(self, prompts, completions):
+        return super().__call__(prompts[:1], completions[:1])
