@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any, TypeVar
 
 import lightning as L
@@ -25,15 +25,17 @@ class EpochSeededSampler(Sampler[int]):
     ``DistributedSampler``, which follows the same seed-plus-epoch rule).
     """
 
-    def __init__(self, data: Sized, seed: int) -> None:
+    def __init__(self, data: Sized, seed: int, shuffle: bool = True) -> None:
         self.size = len(data)
-        self.seed = seed
+        self.seed, self.shuffle = seed, shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:  # in order; the epoch is still known, for ResumableDataLoader
+            return iter(range(self.size))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
@@ -85,62 +87,73 @@ class LengthGroupedSampler(EpochSeededSampler):
         return iter(torch.cat(full + short).tolist())
 
 
-class _SkipFirst:
-    """A batch sampler that leaves out its first ``skip`` batches of indices (no data is loaded for them)."""
+class _ResumeAt:
+    """A batch sampler that leaves out the first ``state["batches"]`` batches of indices when it iterates the epoch
+    ``state["epoch"]`` (no data is loaded for them), and none of another epoch."""
 
-    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
-        self.batch_sampler, self.skip = batch_sampler, skip
+    def __init__(self, batch_sampler: Any, loader: ResumableDataLoader, state: dict[str, Any]) -> None:
+        self.batch_sampler, self.loader, self.state = batch_sampler, loader, state
 
     def __iter__(self) -> Iterator[list[int]]:
-        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+        # A generator: this runs at the first batch, after Lightning has set the epoch on the sampler (the loader's
+        # iterator is built earlier, when the epoch may not be known yet).
+        same_epoch = self.loader.sampler_epoch() == self.state["epoch"]
+        self.loader._skipped = int(self.state["batches"]) if same_epoch else 0
+        yield from itertools.islice(iter(self.batch_sampler), self.loader._skipped, None)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # the epoch's length, as Lightning counts it
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints: it counts the batches it handed out this epoch, and after
-    ``load_state_dict`` its next epoch starts after them. A run resumed from a checkpoint taken in the middle of an
-    epoch then continues with the next batch, as the uninterrupted run did, instead of replaying the epoch (Lightning
-    restores loader state only when it resumes inside an epoch, from the same epoch's order).
+    """A DataLoader that Lightning checkpoints: it counts the batches it handed out of the current epoch, and after
+    ``load_state_dict`` it starts that epoch after them. A run resumed from a checkpoint taken in the middle of an
+    epoch then continues with the next batch, as the uninterrupted run did, instead of replaying the epoch.
 
     The skipped batches are left out at the level of indices, so no data is read for them; the order itself is the
-    sampler's (``EpochSeededSampler`` and ``LengthGroupedSampler`` depend only on the seed and the epoch).
+    sampler's, a function of (seed, epoch) (``EpochSeededSampler``, ``LengthGroupedSampler``, or under DDP the
+    distributed wrapper of either). A checkpoint taken after an epoch's last batch skips nothing of the next epoch.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._handed_out = 0
-        self._skip = 0
-        self._skipping = 0
+        self._position: dict[str, Any] = {"epoch": None, "batches": 0}
+        self._resume: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None
+        self._skipped = 0
+
+    def sampler_epoch(self) -> int | None:
+        """The epoch the sampler draws its order for (Lightning sets it before each epoch)."""
+        return getattr(self.sampler, "epoch", None)
 
     @property
     def _index_sampler(self) -> Any:
         sampler = super()._index_sampler
-        return _SkipFirst(sampler, self._skipping) if self._skipping else sampler
+        return _ResumeAt(sampler, self, self._pending) if self._pending is not None else sampler
 
     def __iter__(self) -> Iterator[Any]:
-        skip, self._skip = self._skip, 0
-        self._skipping = skip
+        self._pending, self._resume, self._skipped = self._resume, None, 0
         try:
             batches = super().__iter__()  # reads _index_sampler now
         finally:
-            self._skipping = 0
-        return self._count(batches, start=skip)
+            self._pending = None
+        return self._count(batches)
 
-    def _count(self, batches: Iterator[Any], start: int) -> Iterator[Any]:
-        self._handed_out = start
+    def _count(self, batches: Iterator[Any]) -> Iterator[Any]:
+        first = True
         for batch in batches:
-            self._handed_out += 1
+            if first:  # the epoch and the skipped batches are known once the first batch is drawn
+                self._position, first = {"epoch": self.sampler_epoch(), "batches": self._skipped}, False
+            self._position["batches"] += 1
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
-        """How many batches of the current epoch were handed out."""
-        return {"batches": self._handed_out}
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and how many of its batches were handed out."""
+        return dict(self._position)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Start the next epoch's iteration after ``state["batches"]`` batches."""
-        self._skip = int(state["batches"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue ``state["epoch"]`` after ``state["batches"]`` batches, when the next iteration is of that epoch."""
+        self._resume = dict(state)
 
 
 def make_loader(
@@ -155,7 +168,7 @@ def make_loader(
     """A DataLoader over ``dataset``; shuffled in the seed-and-epoch order when ``shuffle``, else in file order.
     With ``lengths`` (and ``shuffle``) batches group examples of similar length (``LengthGroupedSampler``)."""
     if not shuffle:
-        sampler = None
+        sampler = EpochSeededSampler(dataset, seed, shuffle=False)
     elif lengths is not None:
         sampler = LengthGroupedSampler(lengths, batch_size, seed)
     else:
@@ -277,4 +290,8 @@ class SplitDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, in order (``predict`` scores the examples of ``test_path``)."""
         return self._loader("test", shuffle=False)

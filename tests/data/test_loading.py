@@ -83,4 +83,6 @@ def test_group_by_length_in_the_preference_and_sft_modules():
     )
     sft.setup("fit")
     assert type(sft.train_dataloader().sampler).__name__ == "LengthGroupedSampler"
-    assert type(sft.val_dataloader().sampler).__name__ == "SequentialSampler"  # evaluation keeps file order
+    val = sft.val_dataloader().sampler
+    val.set_epoch(3)
+    assert list(val) == list(range(len(sft.examples["val"])))  # evaluation keeps file order, whatever the epoch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import lightning as L
@@ -63,3 +65,15 @@ def trainer(max_epochs: int, callbacks: list[L.Callback] | None = None, **kwargs
         "callbacks": callbacks or [],
     }
     return L.Trainer(**{**options, **kwargs})
+
+
+class KillAt(L.Callback):
+    """Kills its own process with SIGKILL once ``iteration`` RL iterations are done, before a checkpoint of that
+    iteration can be written (Lightning runs checkpoint callbacks last): a crash in the middle of a run."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.iteration == self.iteration:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,5 +1,12 @@
 """Checkpoint and resume: a run resumed from a checkpoint continues exactly as the uninterrupted run."""
 
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -8,6 +15,7 @@ from lit_rlhf.data import PromptDataModule
 from lit_rlhf.models import LoraOptions
 from lit_rlhf.rewards import CharacterShareReward
 from lit_rlhf.rl import NLPO, PPO, AdaptiveKL, RLHFModule
+from lit_rlhf.rl.checks import upgrade_checkpoint_file
 from tests.rl.support import (
     Outputs,
     prompt_loader,
@@ -75,18 +83,34 @@ def as_written_by_version_0_1(checkpoint: dict) -> dict:
     return {**checkpoint, "state_dict": old, "rlhf": rlhf}
 
 
+def pickle_an_object_of_a_vanished_class(path, checkpoint: dict) -> None:
+    """Save ``checkpoint`` with an object of ``lit_rlhf.rl.rollout.GenerationOptions`` (a 0.1 class whose module is
+    gone) in its hyperparameters, as modules built in Python did."""
+    gone = types.ModuleType("lit_rlhf.rl.rollout")
+    gone.GenerationOptions = type("GenerationOptions", (), {"__module__": "lit_rlhf.rl.rollout"})
+    sys.modules["lit_rlhf.rl.rollout"] = gone
+    try:
+        checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "generation": gone.GenerationOptions()}
+        torch.save(checkpoint, path)
+    finally:
+        del sys.modules["lit_rlhf.rl.rollout"]
+
+
 @pytest.mark.parametrize("case", ["ppo", "nlpo"])
 def test_a_checkpoint_of_the_old_layout_resumes_exactly(case, tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     full = Outputs()
     trainer(3, callbacks=[checkpoints, full], enable_checkpointing=True).fit(build(case), prompt_loader())
-    old = as_written_by_version_0_1(torch.load(tmp_path / "epoch=1.ckpt", weights_only=False))
+    old = as_written_by_version_0_1(torch.load(tmp_path / "epoch=1.ckpt", weights_only=True))
     assert any(key.startswith("policy.") for key in old["state_dict"])
-    torch.save(old, tmp_path / "old.ckpt")
+    pickle_an_object_of_a_vanished_class(tmp_path / "old.ckpt", old)
+    with pytest.raises(ModuleNotFoundError, match="lit_rlhf.rl.rollout"):
+        torch.load(tmp_path / "old.ckpt", weights_only=False)
+    upgraded = upgrade_checkpoint_file(tmp_path / "old.ckpt", tmp_path / "upgraded.ckpt")
+    hparams = torch.load(upgraded, weights_only=True)["hyper_parameters"]  # nothing pickled left
+    assert hparams["generation"] == "lit_rlhf.rl.rollout.GenerationOptions"
     resumed = Outputs()
-    trainer(3, callbacks=[resumed]).fit(
-        build(case), prompt_loader(), ckpt_path=tmp_path / "old.ckpt", weights_only=False
-    )
+    trainer(3, callbacks=[resumed]).fit(build(case), prompt_loader(), ckpt_path=upgraded, weights_only=True)
     assert len(resumed.outputs) == 1
     assert resumed.outputs[0]["completions"] == full.outputs[2]["completions"]
     for key in KEYS:
@@ -129,3 +153,51 @@ def test_a_run_resumed_in_the_middle_of_an_epoch_skips_and_replays_nothing(tmp_p
         assert actual["completions"] == expected["completions"]
         for key in KEYS:
             assert actual["metrics"][key] == pytest.approx(expected["metrics"][key], abs=1e-5), key
+
+
+def lit_rlhf_rl_fit(cwd, *args: str) -> subprocess.CompletedProcess:
+    """``lit-rlhf rl fit`` on the PPO tiny recipe for 2 epochs of 3 iterations, as a user runs it, in ``cwd``."""
+    recipe = Path(__file__).parents[2] / "recipes" / "rl" / "ppo_tiny.yaml"
+    command = [sys.executable, "-m", "lit_rlhf.cli", "rl", "fit", "--config", str(recipe)]
+    command += [
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_policy(cwd) -> dict[str, torch.Tensor]:
+    state = torch.load(Path(cwd) / "outputs/rl/ppo_tiny/checkpoints/last.ckpt", weights_only=True)
+    assert state["rlhf"]["iteration"] == 6
+    return {k: v for k, v in state["state_dict"].items() if k.startswith("models.policy.")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    cwd = tmp_path_factory.mktemp("whole")
+    assert lit_rlhf_rl_fit(cwd).returncode == 0
+    return final_policy(cwd)
+
+
+# Killed after iteration 4 (the first of the second epoch's three; the last checkpoint is the first epoch's end) or
+# 5 (the last checkpoint lies inside the epoch), always before that iteration's own checkpoint.
+@pytest.mark.parametrize("kill_at", [4, 5])
+def test_kill_9_inside_an_epoch_then_ckpt_path_last_ends_with_the_uninterrupted_weights(
+    kill_at, uninterrupted, tmp_path
+):
+    killed = lit_rlhf_rl_fit(
+        tmp_path, "--trainer.callbacks+=tests.rl.support.KillAt", "--trainer.callbacks.iteration", str(kill_at)
+    )
+    assert killed.returncode == -signal.SIGKILL
+    resumed = lit_rlhf_rl_fit(tmp_path, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "no last checkpoint" not in resumed.stderr + resumed.stdout
+    after_kill = final_policy(tmp_path)
+    assert uninterrupted.keys() == after_kill.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(value, after_kill[key]), key
