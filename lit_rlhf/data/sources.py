@@ -20,11 +20,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+PACKAGE_PREFIX = "lit_rlhf/"
+"""Paths that start with it and are not found from the working directory name the installed package's own files
+(its example data), so recipes that use them run from any folder."""
+
+
+def locate(source: str | Path) -> str | Path:
+    """``source``, or, for a missing path under ``lit_rlhf/``, the same file inside the installed package."""
+    if Path(source).exists() or not str(source).startswith(PACKAGE_PREFIX):
+        return source
+    packaged = Path(__file__).parents[2] / source
+    return packaged if packaged.exists() else source
+
+
 def source_label(source: str | Path, split: str) -> str:
     """How a source appears in error messages: the file path, or ``name[split]`` for ``datasets`` sources."""
-    path = Path(source)
+    path = Path(locate(source))
     if path.is_file():
-        return str(source)
+        return str(path)
     return f"{source}[{split}]"
 
 
@@ -94,6 +107,7 @@ def iter_rows(
     before it. A JSON array that is broken, and a parquet file that cannot be read, are raised at once (nothing in
     them can be trusted).
     """
+    source = locate(source)
     path = Path(source)
     label = source_label(source, split)
     if path.is_file():

@@ -210,10 +210,8 @@ class RLHFModule(Exportable, L.LightningModule):
         self.generator.sampler = self._sampler()
 
     def policy_outputs(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> PolicyOutputs:
-        """The policy's log-probs, entropy and values on the response, through the algorithm's logits transform.
-
-        Shape: (B, P+T) -> PolicyOutputs of (B, T).
-        """
+        """The policy's log-probs, entropy and values on the response, through the algorithm's logits transform;
+        (B, P+T) -> PolicyOutputs of (B, T)."""
         transform = self.algorithm.logits_transform(self.policy, sequences, attention_mask, prompt_length)
         temperature, banned = self.generation.logprob_temperature, self.generator.banned()
         return self.models.outputs(sequences, attention_mask, prompt_length, temperature, transform, banned=banned)
@@ -270,12 +268,9 @@ class RLHFModule(Exportable, L.LightningModule):
         return {**texts, "metrics": {key: value.item() for key, value in metrics.items()}}
 
     def update_reuses_rollout_forward(self) -> bool:
-        """Whether this iteration's update starts from the rollout's policy forward (see ``reuse_rollout_forward``).
-
-        With one minibatch and no accumulation the first update pass runs at the rollout's weights on all its rows,
-        so its forward is the rollout's. Not under FSDP, whose units reshard between forward and backward on a
-        schedule of their own.
-        """
+        """Whether this iteration's update starts from the rollout's policy forward (``reuse_rollout_forward``): with
+        one minibatch and no accumulation its first pass runs at the rollout's weights on all its rows. Not under
+        FSDP, whose units reshard between forward and backward on a schedule of their own."""
         return (
             self.reuse_rollout_forward
             and self.algorithm.schedule.num_minibatches == 1
@@ -343,18 +338,27 @@ class RLHFModule(Exportable, L.LightningModule):
         metrics["policy/early_stop"] = torch.tensor(float(early_stop))
         return metrics
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, stage: str = "val") -> None:
         """Sample from the plain policy (no algorithm hooks) and log the raw score and KL to the reference."""
         rollout = self.generator.rollout(batch)
         mask = rollout.samples.response_mask
         kl = kl_estimate(rollout.outputs.logprobs, rollout.ref_logprobs, self.kl_estimator) * mask
         metrics = {
-            "val/score": rollout.raw_scores.mean(),
-            "val/kl": kl.sum(-1).mean(),
-            "val/length": mask.sum(-1).mean(),
-            "val/eos_frac": rollout.samples.stopped.float().mean(),
+            f"{stage}/score": rollout.raw_scores.mean(),
+            f"{stage}/kl": kl.sum(-1).mean(),
+            f"{stage}/length": mask.sum(-1).mean(),
+            f"{stage}/eos_frac": rollout.samples.stopped.float().mean(),
         }
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=mask.shape[0])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """As ``validation_step``, logged under ``test/``."""
+        self.validation_step(batch, batch_idx, stage="test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list[str]]:
+        """The plain policy's completions of a batch of prompts (``generation.num_samples`` each, adjacent)."""
+        samples = self.generator.samples(batch["prompt"], batch["input_ids"], batch["attention_mask"])
+        return {"prompts": samples.prompts, "completions": samples.completions}
 
     def configure_optimizers(self) -> Any:
         require_trainable(self, [p for p in self.policy.parameters() if p.requires_grad])
@@ -390,8 +394,6 @@ class RLHFModule(Exportable, L.LightningModule):
         self.kl.load_state_dict(state["kl"])
         self.shaping.moments.load_state_dict(state["reward_moments"])
         set_rng_state(state["rng"])
-
-    # --- using the policy ------------------------------------------------------------------------------------------
 
     def export_model(self) -> tuple[nn.Module, Any]:
         """The policy and its tokenizer (used by ``export`` and ``lit_rlhf.callbacks.HFExportCallback``)."""
