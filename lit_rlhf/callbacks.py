@@ -278,10 +278,15 @@ class SampleTable(pl.Callback):
         self._warned = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self._last_step is None:  # a fresh run starts new files; a resumed one appends
-            folder = _output_dir(trainer, self.dirpath)
-            for suffix in (".jsonl", ".md"):
-                (folder / f"{self.filename}{suffix}").unlink(missing_ok=True)
+        # Files are rewritten from the kept rows: a fresh run starts new ones, a resumed run has exactly the rows of
+        # the checkpoint it resumed from (none written after it, by a run that was then killed).
+        if not trainer.is_global_zero:
+            return
+        folder = _output_dir(trainer, self.dirpath)
+        for suffix in (".jsonl", ".md"):
+            (folder / f"{self.filename}{suffix}").unlink(missing_ok=True)
+        for step in sorted({row["step"] for row in self.rows}):
+            self._write(folder, step, [row for row in self.rows if row["step"] == step])
 
     def _rows(self, outputs: Any, batch: Any, step: int) -> list[dict[str, Any]]:
         if not isinstance(outputs, Mapping):
@@ -321,9 +326,10 @@ class SampleTable(pl.Callback):
             return
         self._last_step = step
         self.rows.extend(rows)
-        if not trainer.is_global_zero:
-            return
-        folder = _output_dir(trainer, self.dirpath)
+        if trainer.is_global_zero:
+            self._write(_output_dir(trainer, self.dirpath), step, rows)
+
+    def _write(self, folder: Path, step: int, rows: list[dict[str, Any]]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"{self.filename}.jsonl", "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
@@ -332,7 +338,8 @@ class SampleTable(pl.Callback):
             handle.write(f"## step {step}\n\n" + markdown_table(rows, columns, max_chars=self.max_chars) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step}
+        return {"last_step": self._last_step, "rows": self.rows}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
+        self.rows = list(state_dict.get("rows", []))

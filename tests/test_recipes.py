@@ -108,3 +108,35 @@ def test_rl_tiny_recipe_runs(path, tmp_path):
     assert cli.model.iteration == cli.trainer.limit_train_batches == 3
     metrics = cli.trainer.callback_metrics
     assert "objective/score" in metrics and "val/score" in metrics and "policy/loss" in metrics
+
+
+def test_stage_commands_that_the_docs_list_run_from_any_folder(tmp_path, monkeypatch):
+    # tmp_path is not the repository: the recipes' lit_rlhf/... data paths resolve inside the installed package.
+    monkeypatch.chdir(tmp_path)
+    quiet = ["--trainer.enable_progress_bar", "false"]
+    sft = RECIPES / "sft" / "tiny.yaml"
+    fitted = run_stage("sft", ["fit", "--config", str(sft), *quiet])
+    assert fitted.trainer.global_step > 0 and (tmp_path / "outputs" / "sft" / "tiny").is_dir()
+    test_file = ["--data.test_path", "lit_rlhf/data/examples/sft_tiny.jsonl"]
+    predicted = run_stage("sft", ["predict", "--config", str(sft), *test_file, *quiet])
+    nll = [row for batch in predicted.trainer.predict_loop.predictions for row in batch["nll"].tolist()]
+    assert len(nll) == 40 and all(value > 0 for value in nll)  # one completion NLL per example of the file
+    rl = RECIPES / "rl" / "ppo_tiny.yaml"
+    tested = run_stage("rl", ["test", "--config", str(rl), *quiet])
+    assert {"test/score", "test/kl"} <= set(tested.trainer.callback_metrics)
+    predicted = run_stage("rl", ["predict", "--config", str(rl), *quiet])
+    assert predicted.trainer.predict_loop.predictions  # completions of the evaluation prompts
+
+
+def test_rl_fit_is_bounded_by_iterations(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--trainer.max_epochs", "5", "--trainer.limit_val_batches", "0", "--model.max_iterations", "2"]
+    cli = run_stage("rl", ["fit", "--config", str(RECIPES / "rl" / "a2c_tiny.yaml"), *args])
+    assert cli.model.iteration == 2 and cli.trainer.current_epoch < 5
+
+
+def test_the_default_logger_is_tensorboard():
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    assert isinstance(L.Trainer(accelerator="cpu").logger, TensorBoardLogger)  # not the CSV fallback

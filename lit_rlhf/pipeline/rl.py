@@ -102,13 +102,11 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     batches_per_epoch = len(data.train_dataloader())
     resume = paths.rl / "resume.ckpt"
     history = MetricsHistory(dirpath=str(paths.rl))
-    callbacks: list[Callback] = [
-        PolicySnapshots(paths.snapshots, rc.checkpoint_every, resume),
-        history,
-        SampleTable(dirpath=str(paths.rl), every_n_steps=rc.checkpoint_every),
-    ]
+    callbacks: list[Callback] = [history, SampleTable(dirpath=str(paths.rl), every_n_steps=rc.checkpoint_every)]
     if rc.export_final:
         callbacks.append(HFExportCallback(dirpath=str(paths.rl / "hf"), on_train_end=True))
+    # Last, so the resume point holds what the other callbacks recorded of its iteration.
+    callbacks.append(PolicySnapshots(paths.snapshots, rc.checkpoint_every, resume))
     trainer = make_trainer(
         config,
         rc.trainer,

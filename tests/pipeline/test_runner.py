@@ -3,15 +3,21 @@ when up to date and redo when forced or changed, stage selection and fingerprint
 
 import json
 import math
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from lit_rlhf.judges import BradleyTerryAnnotator, VaderJudge
 from lit_rlhf.pipeline import PipelineConfig, main
 from lit_rlhf.pipeline.common import annotator_for, gold_judge_for
-from lit_rlhf.pipeline.runner import STAGES, fingerprint, select_stages
-from tests.pipeline.support import PNG_MAGIC, RECIPES, TINY, parse, run, stamps
+from lit_rlhf.pipeline.runner import STAGES, fingerprint, lock_output, select_stages
+from tests.pipeline.support import PNG_MAGIC, RECIPES, TINY, parse, pipeline_in_subprocess, run, stamps
 
 
 def test_there_are_three_recipes():
@@ -143,3 +149,82 @@ def test_quick_recipe_end_to_end_with_the_real_models(tmp_path):
     summary = json.loads((tmp_path / "stages" / "reward.json").read_text())["summary"]
     assert summary["train_pairs"] > 0 and 0.0 <= summary["val_accuracy"] <= 1.0
     assert "## Summary" in (tmp_path / "report.md").read_text()
+
+
+def test_a_second_run_into_a_held_output_folder_fails_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    hold = (
+        "import sys, time; from pathlib import Path; from lit_rlhf.pipeline.runner import lock_output\n"
+        "with lock_output(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"is in use by another pipeline run \(pid {holder.pid} on "):
+            run("--output_dir", str(tmp_path))
+        assert not (tmp_path / "stages").exists() and not (tmp_path / "config.yaml").exists()  # nothing touched
+    finally:
+        holder.kill()  # like kill -9: the lock file stays behind, unlocked
+        holder.wait()
+    assert (tmp_path / ".lock").exists()
+    with lock_output(tmp_path):  # taken over
+        assert str(os.getpid()) in (tmp_path / ".lock").read_text()
+
+
+def test_a_stage_that_fails_keeps_the_previous_outputs(tiny_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run, root)
+    before = {p.relative_to(root): p.stat().st_mtime_ns for p in (root / "rl").rglob("*")}
+    marker = (root / "stages" / "rl.json").read_text()
+    with pytest.raises(RuntimeError, match="the reward service is down"):
+        run("rl", "--output_dir", str(root), "--rl.reward", "tests.pipeline.support.Explode")
+    assert {p.relative_to(root): p.stat().st_mtime_ns for p in (root / "rl").rglob("*")} == before
+    assert (root / "stages" / "rl.json").read_text() == marker and (root / "report.md").exists()
+
+
+@pytest.mark.parametrize("torn", ['{"stage": "evaluate", "run_id"', "[]"], ids=["truncated", "not-a-marker"])
+def test_an_unreadable_marker_counts_as_not_done(torn, tiny_run, tmp_path, capsys):
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run, root)
+    (root / "stages" / "evaluate.json").write_text(torn)
+    before = stamps(root)
+    run("--output_dir", str(root))
+    after = stamps(root)
+    assert [s for s in STAGES if after[s] != before[s]] == ["evaluate", "report"]
+    printed = capsys.readouterr().out
+    assert "stages/evaluate.json" in printed and "the stage counts as not done" in printed
+    (root / "stages" / "evaluate.json").write_text(torn)
+    run("evaluate", "--output_dir", str(root), "--force")  # --force too reads the markers it depends on
+    assert json.loads((root / "stages" / "evaluate.json").read_text())["stage"] == "evaluate"
+
+
+def test_a_pipeline_killed_in_the_rl_stage_continues_from_its_last_snapshot(tmp_path):
+    def reward(marker: Path) -> str:
+        config = {"class_path": "tests.pipeline.support.DieOnCall", "init_args": {"call": 4, "marker": str(marker)}}
+        return json.dumps(config)
+
+    settings = ["--rl.iterations", "5", "--rl.checkpoint_every", "2"]
+    (tmp_path / "never").touch()  # the marker already exists: this run never dies
+    whole = pipeline_in_subprocess(
+        "--output_dir", str(tmp_path / "whole"), *settings, "--rl.reward", reward(tmp_path / "never")
+    )
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = ["--output_dir", str(tmp_path / "killed"), *settings, "--rl.reward", reward(tmp_path / "once")]
+    killed = pipeline_in_subprocess(*args)  # dies in the 4th RL iteration; the last snapshot is iteration 2's
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "stages" / "rl.json").exists()
+    assert (tmp_path / "killed" / ".partial" / "rl" / "rl" / "resume.ckpt").exists()
+    resumed = pipeline_in_subprocess(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[rl] continuing the interrupted run" in resumed.stdout
+    assert "[collect] up to date" in resumed.stdout and "[reward] up to date" in resumed.stdout
+    assert not (tmp_path / "killed" / ".partial").exists() or not any((tmp_path / "killed" / ".partial").iterdir())
+
+    def rows(root: Path) -> list[dict]:
+        lines = (root / "rl" / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
+
+    assert rows(tmp_path / "killed") == rows(tmp_path / "whole")
+    final = "rl/checkpoints/iter-0005/adapter_model.safetensors"
+    assert (tmp_path / "killed" / final).read_bytes() == (tmp_path / "whole" / final).read_bytes()
+    results = [json.loads((tmp_path / run / "evaluate" / "results.json").read_text()) for run in ("whole", "killed")]
+    assert results[0]["checkpoints"] == results[1]["checkpoints"]
