@@ -1,5 +1,5 @@
-"""Sampling from a policy: ``GenerationOptions``, one ``Sampler`` interface over the backends (our decoding loop, HF
-``generate``, vLLM), stop handling, and ``PolicyGenerator``, which samples and scores a policy without any algorithm."""
+"""Sampling from a policy: ``make_sampler`` picks the backend (our decoding loop, HF ``generate``, vLLM) and
+``PolicyGenerator`` samples, cuts at the stops and scores a policy without any algorithm."""
 
 from __future__ import annotations
 

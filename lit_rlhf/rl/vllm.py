@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from lit_rlhf.models import LoraOptions
-from lit_rlhf.rl.decoding import GenerationOptions, Sampler
+from lit_rlhf.rl.decoding import GenerationOptions, Sampler, Suppress
 
 INSTALL_HINT = "rollout_backend: vllm needs vLLM on a CUDA machine: `pip install lit-rlhf[vllm]`."
 
@@ -116,6 +116,12 @@ class VLLMSampler(Sampler):
         """
         from vllm import SamplingParams
 
+        # The special tokens that are never sampled reach vLLM as a logit bias (its own logits processors are not
+        # Python callables of ours); -100 makes a token e^-100 times as likely: never, in practice.
+        logit_bias = None
+        if isinstance(processor, Suppress):
+            logit_bias = dict.fromkeys(processor.token_ids.tolist(), -100.0)
+            processor = processor.then
         if processor is not None:
             raise ValueError(
                 "This algorithm samples through a logits processor, which vLLM cannot run: use rollout_backend: "
@@ -137,6 +143,7 @@ class VLLMSampler(Sampler):
                 stop=list(options.stop_strings) or None,
                 include_stop_str_in_output=True,
                 skip_special_tokens=False,
+                logit_bias=logit_bias,
                 seed=seed,
             )
             for seed in seeds
