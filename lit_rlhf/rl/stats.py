@@ -48,7 +48,8 @@ def iteration_metrics(rollout: Rollout, experience: Experience) -> dict[str, Ten
 
 class DegenerationWarnings:
     """Warns when most of an iteration's responses are empty, one and the same text, or cut off at
-    ``max_new_tokens``: once when it starts and once when it ends, not at every iteration in between.
+    ``max_new_tokens``: once when it starts and once when it ends, not at every iteration in between. At iteration 0
+    the responses are the initial policy's, so the warning there names the setup rather than a collapse.
 
     Args:
         threshold: The share of responses above which an iteration counts as degenerate.
@@ -64,11 +65,18 @@ class DegenerationWarnings:
             share = float(metrics[key])
             if share > self.threshold and key not in self.active:
                 self.active.add(key)
-                rank_zero_warn(
-                    f"RL iteration {iteration}: {share:.0%} of the responses are {what} ({key}). The policy may be "
-                    "collapsing or exploiting the reward: look at the samples, and consider a larger KL coefficient, "
-                    "a lower learning rate, or a reward that penalises it (missing_eos_penalty for cut-off ones)."
-                )
+                if iteration == 0:
+                    advice = (
+                        "before any update, so it comes from the setup (the initial policy, the prompts, "
+                        "generation.max_new_tokens and the stop tokens), not from training"
+                    )
+                else:
+                    advice = (
+                        "the policy may be collapsing or exploiting the reward: look at the samples, and consider a "
+                        "larger KL coefficient, a lower learning rate, or a reward that penalises it "
+                        "(missing_eos_penalty for cut-off ones)"
+                    )
+                rank_zero_warn(f"RL iteration {iteration}: {share:.0%} of the responses are {what} ({key}); {advice}.")
             elif share <= self.threshold and key in self.active:
                 self.active.discard(key)
                 rank_zero_warn(f"RL iteration {iteration}: {key} is back to {share:.0%}.")

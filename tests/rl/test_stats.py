@@ -46,3 +46,13 @@ def test_degeneration_warns_once_when_it_starts_and_once_when_it_ends():
     assert messages[1] == "RL iteration 4: response/identical_frac is back to 25%."
     with pytest.warns(UserWarning, match="are empty"):
         watch({**{k: torch.tensor(v) for k, v in healthy.items()}, "response/empty_frac": torch.tensor(0.6)}, 5)
+
+
+def test_a_share_already_high_at_iteration_0_is_blamed_on_the_setup_not_on_training():
+    # The demo's 32-token answers to open prompts are mostly cut off before any update: not a collapse.
+    metrics = {"response/empty_frac": 0.0, "response/identical_frac": 0.0, "response/truncated_frac": 0.94}
+    with pytest.warns(UserWarning) as caught:
+        DegenerationWarnings()({k: torch.tensor(v) for k, v in metrics.items()}, 0)
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("RL iteration 0: 94% of the responses are cut off at max_new_tokens")
+    assert "before any update, so it comes from the setup" in message and "collapsing" not in message
