@@ -74,7 +74,8 @@ class PolicySnapshots(Callback):
         if trainer.is_global_zero:
             save_policy(module, self.dirpath / snapshot_name(module.iteration))
         if self.resume is not None:
-            trainer.save_checkpoint(self.resume)  # every rank takes part (sharded strategies gather)
+            # every rank takes part (sharded strategies gather); the full state, optimizer included, to resume from
+            trainer.save_checkpoint(self.resume, weights_only=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.iteration % self.every == 0:
