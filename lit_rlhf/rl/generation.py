@@ -84,8 +84,9 @@ class PolicyGenerator:
 
     def banned(self, options: GenerationOptions | None = None) -> Tensor | None:
         """The token ids responses may not contain under ``options`` (None: the generator's): the special tokens
-        other than the stop tokens, unless ``suppress_special_tokens`` is off."""
-        return self.suppressed if (options or self.options).suppress_special_tokens else None
+        other than the stop tokens, unless ``suppress_special_tokens`` is off; None when there are none."""
+        suppress = (options or self.options).suppress_special_tokens
+        return self.suppressed if suppress and self.suppressed.numel() else None
 
     @classmethod
     def load(
@@ -139,8 +140,8 @@ class PolicyGenerator:
         if k > 1:
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
         processor = make_processor(prompt_ids, prompt_mask) if make_processor is not None else None
-        if options.suppress_special_tokens and self.suppressed.numel():
-            processor = Suppress(self.suppressed, processor)
+        if (banned := self.banned(options)) is not None:
+            processor = Suppress(banned, processor)
         sequences = self.sampler.sample(self.models.policy, prompt_ids, prompt_mask, options, processor)
         response_ids = sequences[:, prompt_ids.shape[1] :]
         response_mask, stopped, completions = self.finish(response_ids, options)
