@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import defaultdict
-from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal
 
@@ -20,7 +18,6 @@ from lit_rlhf.finetuning import (
     SchedulerName,
     adamw,
     check_finite,
-    check_finite_loss,
     lr_schedule,
     require_trainable,
 )
@@ -31,26 +28,21 @@ from lit_rlhf.rl.decoding import GenerationOptions, Sampler
 from lit_rlhf.rl.experience import Experience, PolicyOutputs
 from lit_rlhf.rl.generation import PolicyGenerator, make_sampler
 from lit_rlhf.rl.kl import FixedKL, KLController, KLEstimator, kl_estimate
-from lit_rlhf.rl.losses import approx_kl
 from lit_rlhf.rl.optimizers import PPO, PolicyOptimizer
 from lit_rlhf.rl.policy import PolicyModels
 from lit_rlhf.rl.scoring import RewardFn, RewardShaping, to_experience
 from lit_rlhf.rl.stats import DegenerationWarnings, iteration_metrics
+from lit_rlhf.rl.update import FINITE_ADVICE, run_update
 from lit_rlhf.rl.vllm import VLLMOptions
 from lit_rlhf.rng import rng_state, seed_iteration, set_rng_state
 from lit_rlhf.scale import (
     check_strategy,
-    clip_grad_norm,
-    float_mean_over_ranks,
     fsdp_root,
     gather_flat,
     is_sharded,
     mean_over_ranks,
-    skip_gradient_sync,
     uses_grad_scaler,
 )
-
-FINITE_ADVICE = "lower the learning rate, clip rewards (reward_clip) or check the reward's scale."
 
 
 class RLHFModule(Exportable, L.LightningModule):
@@ -279,64 +271,8 @@ class RLHFModule(Exportable, L.LightningModule):
         )
 
     def _update(self, experience: Experience, first: PolicyOutputs | None = None) -> dict[str, Tensor]:
-        """The optimizer steps of ``algorithm.schedule`` on ``algorithm.loss``; returns the mean metrics.
-
-        ``first``: the policy's outputs on all of ``experience``'s rows at the current weights, with their graph; the
-        first micro-batch uses them (its rows selected) instead of a forward of its own.
-        """
-        algorithm, schedule, opt = self.algorithm, self.algorithm.schedule, self.optimizers()
-        rows = experience.batch_size
-        if schedule.num_minibatches * self.gradient_accumulation_steps > rows:
-            raise ValueError(
-                f"{type(algorithm).__name__}.num_minibatches ({schedule.num_minibatches}) × "
-                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) exceeds the {rows} rollout rows; "
-                "lower them or raise data.batch_size / generation.num_samples."
-            )
-        totals: dict[str, float] = defaultdict(float)
-        steps, early_stop = 0, False
-        for _ in range(schedule.epochs):
-            order = torch.randperm(rows, device=self.device)
-            for minibatch in order.chunk(schedule.num_minibatches):
-                step_metrics: dict[str, float] = defaultdict(float)
-                micros = minibatch.chunk(self.gradient_accumulation_steps)
-                for i, micro in enumerate(micros):
-                    part = experience.select(micro)
-                    # Under DDP every manual_backward all-reduces: accumulate locally until the last micro-batch.
-                    last = i == len(micros) - 1
-                    with nullcontext() if last or self._trainer is None else skip_gradient_sync(self):
-                        if first is not None:
-                            outputs, first = first.select(micro), None
-                        else:
-                            outputs = self.policy_outputs(part.sequences, part.attention_mask, part.prompt_ids.shape[1])
-                        loss, metrics = algorithm.loss(part, outputs)
-                        check_finite_loss(
-                            loss, f"{type(algorithm).__name__} at iteration {self.iteration}", FINITE_ADVICE
-                        )
-                        weight = len(micro) / len(minibatch)
-                        self.manual_backward(loss * weight)
-                    metrics["policy/approx_kl"] = approx_kl(
-                        outputs.logprobs.detach(), part.logprobs, part.response_mask
-                    )
-                    for key, value in metrics.items():
-                        step_metrics[key] += weight * float(value)
-                if self.max_grad_norm is not None:
-                    clip_grad_norm(self, opt, self.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                steps += 1
-                for key, value in step_metrics.items():
-                    totals[key] += value
-                # Every rank must take the same number of steps (each backward is a collective): decide on the mean.
-                approx = float_mean_over_ranks(self, step_metrics["policy/approx_kl"])
-                if schedule.target_kl is not None and approx > schedule.target_kl:
-                    early_stop = True
-                    break
-            if early_stop:
-                break
-        metrics = {key: torch.tensor(value / steps) for key, value in totals.items()}
-        metrics["policy/optimizer_steps"] = torch.tensor(float(steps))
-        metrics["policy/early_stop"] = torch.tensor(float(early_stop))
-        return metrics
+        """The optimizer steps of ``algorithm.schedule`` on this iteration's rollout (``lit_rlhf.rl.update``)."""
+        return run_update(self, experience, first)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, stage: str = "val") -> None:
         """Sample from the plain policy (no algorithm hooks) and log the raw score and KL to the reference."""
