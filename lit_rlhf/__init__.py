@@ -1,4 +1,5 @@
-"""lit_rlhf: PyTorch Lightning modules for RLHF — SFT, Bradley–Terry reward models, PPO / A2C / NLPO with KL control."""
+"""lit_rlhf: PyTorch Lightning modules for RLHF — SFT, Bradley–Terry reward models, PPO / A2C / NLPO / GRPO /
+RLOO / REINFORCE++ with KL control."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ _EXPORTS = {
     "A2C": "lit_rlhf.rl",
     "NLPO": "lit_rlhf.rl",
     "RLOO": "lit_rlhf.rl",
+    "GRPO": "lit_rlhf.rl",
+    "ReinforcePP": "lit_rlhf.rl",
     "PolicyGenerator": "lit_rlhf.rl",
     "PolicyModels": "lit_rlhf.rl",
     "FixedKL": "lit_rlhf.rl",
@@ -67,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lit_rlhf.reward import RewardModel, RewardModelModule, bradley_terry_loss  # noqa: F401
     from lit_rlhf.rl import (  # noqa: F401
         A2C,
+        GRPO,
         NLPO,
         PPO,
         RLOO,
@@ -76,6 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover
         PolicyGenerator,
         PolicyModels,
         PolicyOptimizer,
+        ReinforcePP,
         RLHFModule,
     )
     from lit_rlhf.sft import SFTModule  # noqa: F401

@@ -1,8 +1,11 @@
-"""Advantage and return estimation over response tokens: GAE, discounted returns, masked whitening."""
+"""Advantage and return estimation over response tokens: GAE, discounted returns, masked whitening, group baselines."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -93,3 +96,54 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     if var_returns.item() == 0:
         return torch.tensor(float("nan"), device=values.device)
     return 1 - masked_var(returns - values, mask) / var_returns
+
+
+RewardScaling = Literal["group", "batch", "none"]
+
+
+def group_counts(group: Tensor) -> Tensor:
+    """Rows per prompt, at each row; fails when a prompt has fewer than two (no baseline from the others).
+
+    Shape: group (B,) long -> (B,) float.
+    """
+    counts = torch.bincount(group).float()
+    if (counts[group] < 2).any():
+        raise ValueError("group baselines need at least 2 completions per prompt: set generation.num_samples >= 2.")
+    return counts[group]
+
+
+def group_normalized(returns: Tensor, group: Tensor, scale: RewardScaling = "group", eps: float = 1e-6) -> Tensor:
+    """GRPO's outcome advantage (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2): Â_i = (R_i − mean_g R) / std,
+    the mean over the completions of the same prompt; std is that group's (``group``, as the paper), the whole
+    batch's (``batch``: group mean, batch std, Liu et al. 2025 "Part I: Tricks or Traps?") or 1 (``none``: Dr. GRPO,
+    Liu et al. 2025, which finds the division favours prompts that are too easy or too hard). Standard deviations are
+    the sample ones (n − 1); a group whose returns are all equal gets advantage 0.
+
+    Shape: returns (B,), group (B,) long -> (B,).
+    """
+    counts = group_counts(group)
+    totals = returns.new_zeros(int(group.max()) + 1).index_add(0, group, returns)
+    centred = returns - totals[group] / counts
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        return centred / (returns.std() + eps)
+    if scale == "group":
+        squares = returns.new_zeros(len(totals)).index_add(0, group, centred**2)
+        return centred / ((squares[group] / (counts - 1)).sqrt() + eps)
+    raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}.")
+
+
+def global_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """``whiten`` with the mean and variance of the masked positions across every process (one all-reduce when
+    torch.distributed is initialised): REINFORCE++'s global-batch normalisation (Hu 2025, arXiv 2501.03262, sec. 3).
+
+    Shape: (B, T), (B, T) -> (B, T).
+    """
+    moments = torch.stack([(values * mask).sum(), (values**2 * mask).sum(), mask.sum()]).double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(moments)
+    total, squares, count = moments.unbind()
+    mean = total / count.clamp(min=1)
+    var = (squares / count.clamp(min=1) - mean**2).clamp(min=0)
+    return ((values - mean.to(values.dtype)) * torch.rsqrt(var.to(values.dtype) + eps)) * mask

@@ -133,6 +133,8 @@ class Experience(PromptAndResponse):
     """(B, T) set by ``PolicyOptimizer.advantages``."""
     returns: Tensor | None = None
     """(B, T) value targets set by ``PolicyOptimizer.advantages``; None when there is no critic."""
+    kl_coef: float = 0.0
+    """β of this iteration's KL penalty in ``rewards`` (for algorithms that put the KL in their loss instead)."""
 
     @property
     def batch_size(self) -> int:

@@ -1,6 +1,9 @@
-"""Policy-gradient and value losses on response tokens: PPO's clipped surrogate and value loss, plain A2C terms."""
+"""Policy-gradient and value losses on response tokens: PPO's clipped surrogate and value loss, plain A2C terms,
+and the ways to average per-token terms into a loss."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -9,21 +12,55 @@ from lit_rlhf.rl.advantages import masked_mean
 from lit_rlhf.rl.kl import kl_k3
 
 
-def clipped_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+def clipped_surrogate(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float = 0.2
 ) -> tuple[Tensor, Tensor]:
-    """PPO's clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7), as a loss:
-    mean over tokens of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)) with ρ = π(y_t) / π_old(y_t).
+    """PPO's clipped surrogate per token (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7), as
+    a loss: max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)) with ρ = π(y_t) / π_old(y_t), before any averaging.
 
-    Shape: logprobs (B, T), old_logprobs (B, T), advantages (B, T), mask (B, T) -> loss (), clip fraction ()
-    (share of tokens where the clipped term is the active one).
+    Shape: logprobs (B, T), old_logprobs (B, T), advantages (B, T) -> loss (B, T), clipped (B, T) bool (where the
+    clipped term is the active one).
     """
     ratio = (logprobs - old_logprobs).exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_frac = masked_mean((clipped > unclipped).float(), mask)
-    return loss, clip_frac
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def clipped_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """``clipped_surrogate`` averaged over all response tokens of the batch.
+
+    Shape: logprobs (B, T), old_logprobs (B, T), advantages (B, T), mask (B, T) -> loss (), clip fraction ()
+    (share of tokens where the clipped term is the active one).
+    """
+    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_range)
+    return masked_mean(per_token, mask), masked_mean(clipped.float(), mask)
+
+
+LossAggregation = Literal["sequence", "token", "constant"]
+
+
+def aggregate(per_token: Tensor, mask: Tensor, aggregation: LossAggregation, length: int | None = None) -> Tensor:
+    """Reduce per-token loss terms to one number, in one of the ways the GRPO family does:
+
+    - ``sequence``: mean over each response's tokens, then over responses, 1/G Σ_i 1/|o_i| Σ_t (GRPO, Shao et al.
+      2024, eq. 3): every response weighs the same, so a token of a short response weighs more than one of a long;
+    - ``token``: sum over every response token of the batch / their number (DAPO, Yu et al. 2025, eq. 8);
+    - ``constant``: sum over every response token / (B · L) with a constant L (Dr. GRPO, Liu et al. 2025,
+      "Understanding R1-Zero-Like Training"): no length normalisation, hence no bias towards long wrong answers.
+      L is ``length``; None uses T, the rollout's padded response length.
+
+    Shape: per_token (B, T), mask (B, T) -> ().
+    """
+    if aggregation == "sequence":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    if aggregation == "token":
+        return masked_mean(per_token, mask)
+    if aggregation == "constant":
+        return (per_token * mask).sum() / (per_token.shape[0] * (length or per_token.shape[1]))
+    raise ValueError(f"loss aggregation must be 'sequence', 'token' or 'constant', got {aggregation!r}.")
 
 
 def clipped_value_loss(

@@ -161,4 +161,5 @@ def to_experience(rollout: Rollout, scores: Tensor, kl_estimator: KLEstimator, k
         kl=kl,
         rewards=kl_penalized_rewards(scores, kl, mask, kl_coef),
         group=samples.group,
+        kl_coef=kl_coef,
     )

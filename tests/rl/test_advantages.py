@@ -1,10 +1,21 @@
-"""Advantages and returns (``lit_rlhf.rl.advantages``) on numbers worked out by hand: GAE, masking, whitening."""
+"""Advantages and returns (``lit_rlhf.rl.advantages``) on numbers worked out by hand: GAE, masking, whitening, group
+baselines."""
 
 import math
 
+import pytest
 import torch
 
-from lit_rlhf.rl.advantages import discounted_returns, explained_variance, gae, masked_mean, masked_var, whiten
+from lit_rlhf.rl.advantages import (
+    discounted_returns,
+    explained_variance,
+    gae,
+    global_whiten,
+    group_normalized,
+    masked_mean,
+    masked_var,
+    whiten,
+)
 
 LN2 = math.log(2)
 
@@ -73,3 +84,25 @@ def test_gae_advantages_whitens_advantages_but_not_returns():
     whitened, same_returns = gae_advantages(rewards, values, mask, 1.0, 1.0, whiten_advantages=True)
     torch.testing.assert_close(whitened, torch.zeros(1, 2))  # equal advantages whiten to 0
     torch.testing.assert_close(same_returns, returns)
+
+
+def test_group_normalized_advantages():
+    returns, group = torch.tensor([1.0, 2.0, 3.0, 0.0, 4.0]), torch.tensor([0, 0, 0, 1, 1])
+    # prompt 0: mean 2, centred [-1, 0, 1], sample std sqrt(2 / 2) = 1; prompt 1: mean 2, centred [-2, 2],
+    # sample std sqrt(8 / 1) = 2.8284 -> [-0.7071, 0.7071]
+    close(group_normalized(returns, group, "group"), [-1.0, 0.0, 1.0, -0.7071, 0.7071])
+    # batch std: mean 2, squares 1 + 0 + 1 + 4 + 4 = 10, sqrt(10 / 4) = 1.5811 -> centred / 1.5811
+    close(group_normalized(returns, group, "batch"), [-0.6325, 0.0, 0.6325, -1.2649, 1.2649])
+    close(group_normalized(returns, group, "none"), [-1.0, 0.0, 1.0, -2.0, 2.0])
+    close(group_normalized(torch.tensor([3.0, 3.0]), torch.tensor([0, 0])), [0.0, 0.0])  # all equal: no signal
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        group_normalized(returns[:4], group[:4])  # prompt 1 keeps one completion
+    with pytest.raises(ValueError, match="'group', 'batch' or 'none'"):
+        group_normalized(returns, group, "std")
+
+
+def test_global_whiten_in_one_process_is_whiten():
+    values, mask = torch.tensor([[1.0, 1.0], [2.0, 7.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    # kept values 1, 1, 2: mean 4/3, variance 2 - 16/9 = 2/9, std 0.4714 -> [-0.7071, -0.7071, 1.4142], 0 where masked
+    close(global_whiten(values, mask), [[-0.7071, -0.7071], [1.4142, 0.0]])
+    close(global_whiten(values, mask), whiten(values, mask))
