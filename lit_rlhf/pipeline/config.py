@@ -234,7 +234,20 @@ def from_namespace(init: Namespace) -> PipelineConfig:
         trainer = vars(section.pop("trainer")).copy()
         stage = {f.name: section.pop(f.name) for f in dataclasses.fields(options) if f.name in section}
         values[key] = options(**stage, model=section, trainer=trainer)
-    return PipelineConfig(**values)
+    config = PipelineConfig(**values)
+    _critic_for_the_algorithm(config.rl)
+    return config
+
+
+def _critic_for_the_algorithm(rl: RLConfig) -> None:
+    """``rl.value_model`` chooses the critic of algorithms that have one; an algorithm without (RLOO, GRPO,
+    REINFORCE++) gets none, so that swapping ``rl.algorithm`` needs no other edit."""
+    algorithm = rl.model.get("algorithm")
+    if algorithm is not None and not algorithm.needs_critic and rl.model.get("value_model") not in (None, "none"):
+        logging.getLogger(__name__).info(
+            "rl.value_model: %s is left out: %s uses no critic.", rl.model["value_model"], type(algorithm).__name__
+        )
+        rl.model["value_model"] = None
 
 
 def validate(config: PipelineConfig) -> None:

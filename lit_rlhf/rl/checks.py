@@ -57,6 +57,11 @@ def check_arguments(arguments: Mapping[str, Any], prefix: str = "model.") -> Val
         require_vllm()
     elif args["vllm"] is not None:
         raise ValueError(f"{prefix}vllm is only used with rollout_backend: vllm.")
+    if generation.num_samples < algorithm.min_samples:
+        raise ValueError(
+            f"{name} compares completions of the same prompt: set {prefix}generation.num_samples >= "
+            f"{algorithm.min_samples} (it is {generation.num_samples})."
+        )
     critic = args["value_model"] or ("separate" if algorithm.needs_critic else "none")
     if algorithm.needs_critic and critic == "none":
         raise ValueError(f"{name} needs a critic: set {prefix}value_model to 'separate' or 'shared' (or null).")

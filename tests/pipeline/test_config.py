@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lit_rlhf.pipeline import main
+from lit_rlhf.pipeline.config import validate
 from lit_rlhf.reward import RewardModelModule
 from lit_rlhf.rewards import CharacterShareReward
 from lit_rlhf.rl import A2C, PPO, RLHFModule
@@ -37,7 +38,7 @@ def test_every_module_argument_is_a_key_of_its_section_with_the_modules_default(
     assert parse("--seed", "3", "--rl.iterations", "7").rl.model["max_iterations"] == 7
 
 
-@pytest.mark.parametrize("recipe", ["ppo_tiny", "a2c_tiny", "nlpo_tiny", "ppo_smollm2"])
+@pytest.mark.parametrize("recipe", ["ppo_tiny", "a2c_tiny", "nlpo_tiny", "grpo_tiny", "rloo_tiny", "ppo_smollm2"])
 def test_a_recipes_model_block_pastes_into_the_rl_section(recipe, tmp_path):
     pipeline = yaml.safe_load(TINY.read_text())
     model = yaml.safe_load((RL_RECIPES / f"{recipe}.yaml").read_text())["model"]
@@ -68,7 +69,7 @@ def test_the_stage_trainer_options_are_typed_with_the_pipelines_defaults(tmp_pat
         (["--rl.learning_rate", "-0.001"], "rl.learning_rate must be > 0, got -0.001"),
         (["--rl.iterations", "0"], "rl.iterations must be >= 1, got 0"),
         (["--rl.algorithm", "lit_rlhf.rl.A2C", "--rl.value_model", "none"], "set rl.value_model to"),
-        (["--rl.algorithm", "lit_rlhf.rl.RLOO"], "RLOO uses no critic: set rl.value_model to 'none'"),
+        (["--rl.algorithm", "lit_rlhf.rl.RLOO"], "RLOO compares completions of the same prompt: set rl.generation.num"),
         (["--reward.learning_rate", "0"], "reward.learning_rate must be > 0"),
         (["--reward.warmup_ratio", "1.5"], "reward.warmup_ratio must be in [0, 1)"),
         (["--rl.load_in_4bit", "true", "--rl.lora", "null"], "set rl.lora to train adapters"),
@@ -90,3 +91,15 @@ def test_the_section_builds_the_module_it_describes():
     module = RLHFModule(**{**config.rl.model, "policy": config.policy, "reward": CharacterShareReward()})
     assert module.algorithm.schedule.epochs == 1 and module.models.value_head is not None
     assert not isinstance(module.algorithm, A2C)
+
+
+@pytest.mark.parametrize("algorithm", ["GRPO", "RLOO", "ReinforcePP"])
+def test_a_critic_free_algorithm_replaces_ppo_without_a_value_model_edit(algorithm):
+    # the tiny recipe asks for value_model: shared (PPO's critic); the critic-free algorithms get none
+    config = parse(
+        "--config", str(TINY), "--rl.algorithm", f"lit_rlhf.rl.{algorithm}", "--rl.generation.num_samples", "2"
+    )
+    assert type(config.rl.model["algorithm"]).__name__ == algorithm and config.rl.model["value_model"] is None
+    validate(config)
+    module = RLHFModule(**{**config.rl.model, "policy": config.policy, "reward": CharacterShareReward()})
+    assert module.models.critic is None

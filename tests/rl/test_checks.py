@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 
-from lit_rlhf.rl import A2C, RLOO, RLHFModule
+from lit_rlhf.rl import A2C, GRPO, RLOO, GenerationOptions, ReinforcePP, RLHFModule
 from lit_rlhf.rl.checks import check_arguments
 from lit_rlhf.sft import SFTModule
 
@@ -21,7 +21,15 @@ DEFAULTS = {n: p.default for n, p in inspect.signature(RLHFModule).parameters.it
         ({"reward_clip": -1.0}, "model.reward_clip must be > 0"),
         ({"gradient_accumulation_steps": 0}, "model.gradient_accumulation_steps must be >= 1, got 0."),
         ({"algorithm": A2C(), "value_model": "none"}, "A2C needs a critic: set model.value_model to"),
-        ({"algorithm": RLOO(), "value_model": "shared"}, "RLOO uses no critic: set model.value_model to 'none'"),
+        (
+            {"algorithm": RLOO(), "value_model": "shared", "generation": GenerationOptions(num_samples=2)},
+            "RLOO uses no critic: set model.value_model to 'none'",
+        ),
+        ({"algorithm": GRPO()}, "GRPO compares completions of the same prompt: set model.generation.num_samples >= 2"),
+        (
+            {"algorithm": ReinforcePP(baseline="group")},
+            "ReinforcePP compares completions of the same prompt: set model.gen",
+        ),
         ({"load_in_4bit": True}, "set model.lora to train adapters"),
     ],
 )

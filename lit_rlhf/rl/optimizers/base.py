@@ -52,6 +52,8 @@ class PolicyOptimizer(Configurable, nn.Module, ABC):
     """Whether the module must build a value model (``Experience.values`` / ``PolicyOutputs.values``)."""
     schedule: UpdateSchedule = UpdateSchedule()
     """How many optimizer steps each rollout feeds (one by default)."""
+    min_samples: int = 1
+    """Completions per prompt the algorithm needs (``generation.num_samples``); 2 for baselines from a group."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PolicyOptimizer:
         # Module state exists before the subclass's __init__ runs, so algorithms need not call super().__init__();

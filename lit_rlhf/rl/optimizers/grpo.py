@@ -42,6 +42,8 @@ class GRPO(PolicyOptimizer):
         target_kl: Stop the iteration's update once a minibatch's approximate KL exceeds this; None never stops.
     """
 
+    min_samples = 2
+
     def __init__(
         self,
         epochs: int = 1,

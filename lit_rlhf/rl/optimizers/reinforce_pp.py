@@ -49,6 +49,7 @@ class ReinforcePP(PolicyOptimizer):
             raise ValueError(f"ReinforcePP: baseline must be 'none' or 'group', got {baseline!r}.")
         self.schedule = UpdateSchedule(epochs, num_minibatches, target_kl)
         self.clip_range, self.gamma, self.baseline, self.entropy_coef = clip_range, gamma, baseline, entropy_coef
+        self.min_samples = 2 if baseline == "group" else 1
 
     def advantages(self, experience: Experience) -> tuple[Tensor, None]:
         e = experience

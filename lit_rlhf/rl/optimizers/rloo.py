@@ -22,6 +22,8 @@ class RLOO(PolicyOptimizer):
         entropy_coef: Weight of the entropy bonus (subtracted from the loss).
     """
 
+    min_samples = 2
+
     def __init__(self, entropy_coef: float = 0.0) -> None:
         self.entropy_coef = entropy_coef
 
