@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.chat import render_messages
-from lit_rlhf.data.encoding import PromptCollator, encode_prompt
+from lit_rlhf.data.encoding import PromptCollator, SFTCollator, encode_prompt
 from lit_rlhf.data.errors import DataFormatError
 from lit_rlhf.data.loading import make_loader
+from lit_rlhf.data.ptx import EndlessSamples, StreamLoader
 from lit_rlhf.data.rows import Prompt, parse_messages
+from lit_rlhf.data.sft import SFTDataset, read_sft
 from lit_rlhf.data.sources import load_examples
 from lit_rlhf.models import load_tokenizer, resolve
 
@@ -130,6 +133,9 @@ class PromptDataModule(L.LightningDataModule):
         skip_invalid: bool = False,
         num_workers: int = 0,
         hub_kwargs: dict[str, Any] | None = None,
+        ptx_path: str | None = None,
+        ptx_batch_size: int = 4,
+        ptx_max_length: int = 256,
     ) -> None:
         """
         Args:
@@ -155,6 +161,12 @@ class PromptDataModule(L.LightningDataModule):
                 counts are logged.
             num_workers: DataLoader worker processes.
             hub_kwargs: Extra ``datasets.load_dataset`` arguments for folder / hub sources.
+            ptx_path: Text for PPO-ptx (``model.ptx_coef``): SFT rows (``prompt``/``completion``, ``messages``,
+                hh-rlhf ``chosen``; the loss is on the completion) from a file, folder or hub dataset. Training
+                batches then are ``{"prompts": <prompt batch>, "ptx": <SFT batch>}``, the ptx rows drawn without end
+                in a seeded order. None: prompt batches only.
+            ptx_batch_size: ptx rows per RL iteration (split across the iteration's optimizer steps).
+            ptx_max_length: Longest ptx row in tokens; longer rows are cut.
         """
         super().__init__()
         if max_prompt_length < 1:
@@ -166,6 +178,7 @@ class PromptDataModule(L.LightningDataModule):
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.limit, self.val_limit, self.num_workers, self.hub_kwargs = limit, val_limit, num_workers, hub_kwargs
         self.skip_invalid = skip_invalid
+        self.ptx_path, self.ptx_batch_size, self.ptx_max_length = ptx_path, ptx_batch_size, ptx_max_length
         self.datasets: dict[str, PromptDataset] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
@@ -209,8 +222,16 @@ class PromptDataModule(L.LightningDataModule):
             dataset, self.batch_size, shuffle, self.seed, self.num_workers, PromptCollator(self.tokenizer.pad_token_id)
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.shuffle)
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        prompts = self._loader("train", self.shuffle)
+        if self.ptx_path is None:
+            return prompts
+        examples = read_sft(self.ptx_path, self.tokenizer, skip_invalid=self.skip_invalid, hub_kwargs=self.hub_kwargs)
+        right = load_tokenizer(self.tokenizer_name, padding_side="right")
+        stream = EndlessSamples(SFTDataset(examples, right, self.ptx_max_length), self.seed)
+        ptx = StreamLoader(stream, batch_size=self.ptx_batch_size, collate_fn=SFTCollator(right.pad_token_id))
+        # min_size: the epoch is the prompts' (the endless ptx stream never ends one); prompts are drawn first.
+        return CombinedLoader({"prompts": prompts, "ptx": ptx}, mode="min_size")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -195,8 +195,10 @@ def gold_judge_for(config: PipelineConfig) -> Judge:
 
 def prompt_data(config: PipelineConfig, split: str, batch_size: int, limit: int | None) -> PromptDataModule:
     """The pipeline's prompts as ``PromptDataModule`` batches, rendered as every stage renders them: the ``train``
-    prompts (shuffled by the seed) or the ``heldout`` ones (in order)."""
+    prompts (shuffled by the seed, with the PPO-ptx stream when ``rl.ptx_coef`` > 0) or the ``heldout`` ones (in
+    order)."""
     train = split == "train"
+    ptx = train and config.rl.model.get("ptx_coef", 0.0) > 0
     data = PromptDataModule(
         tokenizer=config.policy,
         path=config.train_prompts if train else config.heldout_prompts,
@@ -208,6 +210,8 @@ def prompt_data(config: PipelineConfig, split: str, batch_size: int, limit: int 
         chat_template=config.chat_template,
         system_prompt=config.system_prompt,
         limit=limit,
+        ptx_path=config.rl.ptx_path if ptx else None,
+        ptx_batch_size=config.rl.ptx_batch_size,
     )
     data.setup("fit")
     return data

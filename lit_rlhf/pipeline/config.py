@@ -97,6 +97,11 @@ class RLConfig:
     last iteration is always saved. Evaluation compares them all."""
     export_final: bool = True
     """Also save the final policy as a plain transformers checkpoint (LoRA merged) in ``rl/hf/final``."""
+    ptx_path: str | None = None
+    """PPO-ptx text (SFT rows: ``prompt``/``completion``, ``messages`` or hh-rlhf ``chosen``), used when
+    ``rl.ptx_coef`` > 0; see ``PromptDataModule.ptx_path``."""
+    ptx_batch_size: int = 4
+    """ptx rows per RL iteration."""
     model: dict[str, Any] = field(default_factory=dict)
     """``RLHFModule``'s keyword arguments (the section's other keys; ``policy`` is the pipeline's)."""
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -272,6 +277,8 @@ def validate(config: PipelineConfig) -> None:
             raise ValueError(f"{key} must be >= {low}, got {value}.")
     if not 0.0 <= config.collect.val_fraction < 1.0:
         raise ValueError(f"collect.val_fraction must be in [0, 1), got {config.collect.val_fraction}.")
+    if config.rl.model.get("ptx_coef", 0.0) > 0 and config.rl.ptx_path is None:
+        raise ValueError("rl.ptx_coef > 0 needs text to keep the likelihood of: set rl.ptx_path.")
     if config.rl.model.get("policy") not in (None, config.policy):
         raise ValueError(
             f"rl.policy ({config.rl.model['policy']}) is not the pipeline's policy ({config.policy}): every stage "

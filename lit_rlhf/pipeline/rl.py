@@ -100,7 +100,7 @@ def run_rl(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     L.seed_everything(config.seed, verbose=False)
     module = RLHFModule(**{**rc.model, "policy": config.policy, "reward": reward})
     data = prompt_data(config, "train", rc.batch_size, rc.num_prompts)
-    batches_per_epoch = len(data.train_dataloader())
+    batches_per_epoch = math.ceil(len(data.datasets["train"]) / rc.batch_size)  # the prompts' (ptx never ends)
     resume = paths.rl / "resume.ckpt"
     history = MetricsHistory(dirpath=str(paths.rl))
     callbacks: list[Callback] = [history, SampleTable(dirpath=str(paths.rl), every_n_steps=rc.checkpoint_every)]

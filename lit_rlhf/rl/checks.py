@@ -45,6 +45,8 @@ def check_arguments(arguments: Mapping[str, Any], prefix: str = "model.") -> Val
     for key in ("schedule_iterations", "max_iterations"):
         if args[key] is not None and args[key] < 1:
             raise ValueError(f"{prefix}{key} must be >= 1 (or null), got {args[key]}.")
+    if args.get("ptx_coef", 0.0) < 0:
+        raise ValueError(f"{prefix}ptx_coef must be >= 0 (0 disables PPO-ptx), got {args['ptx_coef']}.")
     if args["reward_clip"] is not None and args["reward_clip"] <= 0:
         raise ValueError(f"{prefix}reward_clip must be > 0 (or null to disable), got {args['reward_clip']}.")
     generation = args["generation"]

@@ -110,6 +110,9 @@ class RLHFModule(Exportable, L.LightningModule):
         rollout_seed: Reseed torch from (rollout_seed, iteration, rank) at the start of every iteration, so that a
             resumed run repeats the uninterrupted one exactly whatever happened in between; None keeps the global
             RNG stream (whose state is still checkpointed). Named apart from the data module's shuffle ``seed``.
+        ptx_coef: γ of PPO-ptx (Ouyang et al. 2022, eq. 2: objective + γ·E_pretrain[log π]): every optimizer step
+            adds γ × the language-modelling loss of a share of the iteration's ptx rows (the data module's
+            ``ptx_path``), logged as ``ptx/loss``. 0 disables. InstructGPT used γ = 27.8 at its own loss scale.
         attn_implementation: transformers' attention kernel (``eager``, ``sdpa``, ...) for policy, reference and value
             trunk; None: transformers' default (``sdpa``). On a CPU ``eager`` runs the update's backward faster at short
             lengths (bench/README.md: 0.710 against 0.875 s for SmolLM2), with memory quadratic in the length.
@@ -151,6 +154,7 @@ class RLHFModule(Exportable, L.LightningModule):
         rollout_backend: Literal["native", "hf", "vllm"] = "native",
         vllm: VLLMOptions | None = None,
         attn_implementation: str | None = None,
+        ptx_coef: float = 0.0,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
@@ -172,6 +176,7 @@ class RLHFModule(Exportable, L.LightningModule):
         self.rollout_seed = rollout_seed
         self.iteration = 0
         self.rollout_backend, self.vllm_options, self.lora = rollout_backend, vllm or VLLMOptions(), lora
+        self.ptx_coef = ptx_coef
 
         self.tokenizer = load_tokenizer(policy, padding_side="left")
         self.models = PolicyModels.load(policy, critic=critic, **PolicyModels.options(arguments))
@@ -211,6 +216,9 @@ class RLHFModule(Exportable, L.LightningModule):
     # --- the iteration ---------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        batch, ptx = (batch["prompts"], batch["ptx"]) if "ptx" in batch else (batch, None)
+        if self.ptx_coef > 0 and ptx is None:
+            raise ValueError("model.ptx_coef > 0 needs text to keep the likelihood of: set data.ptx_path.")
         if self.rollout_seed is not None:
             seed_iteration(self.rollout_seed, self.iteration, self.global_rank)
         self.eval()  # no dropout: rollout and update forwards must agree
@@ -226,7 +234,7 @@ class RLHFModule(Exportable, L.LightningModule):
         experience = dataclasses.replace(experience, advantages=advantages, returns=returns)
         start = time.perf_counter()
         with self.generator.sampler.released():
-            update_metrics = self._update(experience, rollout.graph)
+            update_metrics = self._update(experience, rollout.graph, ptx if self.ptx_coef > 0 else None)
         check_finite(self.parameters(), f"RLHFModule after iteration {self.iteration}'s update", FINITE_ADVICE)
         self.generator.sampler.refresh(self.policy)
         update_time = time.perf_counter() - start
@@ -270,9 +278,11 @@ class RLHFModule(Exportable, L.LightningModule):
             and fsdp_root(self) is None
         )
 
-    def _update(self, experience: Experience, first: PolicyOutputs | None = None) -> dict[str, Tensor]:
+    def _update(
+        self, experience: Experience, first: PolicyOutputs | None = None, ptx: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """The optimizer steps of ``algorithm.schedule`` on this iteration's rollout (``lit_rlhf.rl.update``)."""
-        return run_update(self, experience, first)
+        return run_update(self, experience, first, ptx)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, stage: str = "val") -> None:
         """Sample from the plain policy (no algorithm hooks) and log the raw score and KL to the reference."""

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_rlhf.finetuning import check_finite_loss
 from lit_rlhf.rl.experience import Experience, PolicyOutputs
@@ -18,10 +18,25 @@ from lit_rlhf.scale import clip_grad_norm, float_mean_over_ranks, skip_gradient_
 FINITE_ADVICE = "lower the learning rate, clip rewards (reward_clip) or check the reward's scale."
 
 
+def ptx_loss(policy: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The language-modelling loss of PPO-ptx: mean negative log-likelihood of the labelled tokens.
+
+    Shape: batch ``input_ids``, ``attention_mask``, ``labels`` (b, L), labels -100 where no loss -> ().
+    """
+    return policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
 def run_update(
-    module: L.LightningModule, experience: Experience, first: PolicyOutputs | None = None
+    module: L.LightningModule,
+    experience: Experience,
+    first: PolicyOutputs | None = None,
+    ptx: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The optimizer steps of ``module.algorithm.schedule`` on ``algorithm.loss``; returns the mean metrics.
+
+    ``ptx``: the iteration's PPO-ptx rows (``input_ids``, ``attention_mask``, ``labels``, (R, L)), split into one share
+    per micro-batch of a pass (the same shares again in later epochs); each micro-batch's loss gains
+    ``module.ptx_coef`` × ``ptx_loss`` of its share (InstructGPT mixes a pretraining minibatch into every step).
 
     ``module``: the ``RLHFModule`` (its algorithm, optimizer, ``policy_outputs``, ``max_grad_norm``,
     ``gradient_accumulation_steps`` and ``iteration``; typed loosely so this file does not import the module's).
@@ -38,6 +53,10 @@ def run_update(
             f"gradient_accumulation_steps ({accumulation}) exceeds the {rows} rollout rows; "
             "lower them or raise data.batch_size / generation.num_samples."
         )
+    ptx_shares: list[dict[str, Tensor]] = []
+    if ptx is not None:
+        rows_of = torch.arange(len(ptx["input_ids"])).chunk(schedule.num_minibatches * accumulation)
+        ptx_shares = [{key: value[index] for key, value in ptx.items()} for index in rows_of]
     totals: dict[str, float] = defaultdict(float)
     steps, early_stop = 0, False
     for _ in range(schedule.epochs):
@@ -55,6 +74,10 @@ def run_update(
                     else:
                         outputs = module.policy_outputs(part.sequences, part.attention_mask, part.prompt_ids.shape[1])
                     loss, metrics = algorithm.loss(part, outputs)
+                    if ptx_shares:
+                        share = ptx_shares[(steps * len(micros) + i) % len(ptx_shares)]
+                        metrics["ptx/loss"] = ptx_loss(module.policy, share)
+                        loss = loss + module.ptx_coef * metrics["ptx/loss"]
                     check_finite_loss(
                         loss, f"{type(algorithm).__name__} at iteration {module.iteration}", FINITE_ADVICE
                     )

@@ -71,6 +71,7 @@ def test_the_stage_trainer_options_are_typed_with_the_pipelines_defaults(tmp_pat
         (["--rl.algorithm", "lit_rlhf.rl.A2C", "--rl.value_model", "none"], "set rl.value_model to"),
         (["--rl.algorithm", "lit_rlhf.rl.RLOO"], "RLOO compares completions of the same prompt: set rl.generation.num"),
         (["--reward.learning_rate", "0"], "reward.learning_rate must be > 0"),
+        (["--rl.ptx_coef", "0.5"], "rl.ptx_coef > 0 needs text to keep the likelihood of: set rl.ptx_path."),
         (["--reward.warmup_ratio", "1.5"], "reward.warmup_ratio must be in [0, 1)"),
         (["--rl.load_in_4bit", "true", "--rl.lora", "null"], "set rl.lora to train adapters"),
         (["--rl.policy", "smollm2-135m-instruct"], "rl.policy (smollm2-135m-instruct) is not the pipeline's policy"),
