@@ -14,6 +14,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_rlhf.freezing import check_trainable_layers
 from lit_rlhf.models import LoraOptions, is_quantised, require_lora_for_quantisation
 from lit_rlhf.scale import check_strategy, clip_grad_norm, uses_grad_scaler
 
@@ -113,6 +114,7 @@ def check_finetuning_arguments(arguments: Mapping[str, Any], prefix: str = "mode
     if not 0.0 <= arguments["warmup_ratio"] < 1.0:
         raise ValueError(f"{prefix}warmup_ratio must be in [0, 1), got {arguments['warmup_ratio']}.")
     require_lora_for_quantisation(arguments["lora"], arguments["load_in_8bit"], arguments["load_in_4bit"], prefix)
+    check_trainable_layers(arguments.get("trainable_layers"), prefix=prefix)
 
 
 class Exportable:
@@ -140,8 +142,9 @@ class FineTuningModule(Exportable, L.LightningModule):
         self, loader: Callable[..., torch.nn.Module], name: str, lora: LoraOptions | None
     ) -> torch.nn.Module:
         """``loader(name, lora=lora, ...)`` with the saved hyperparameters ``dtype``, ``load_in_8bit``,
-        ``load_in_4bit`` and ``attn_implementation``, in train mode, with ``gradient_checkpointing`` if set. The
-        hyperparameters are checked first (``check_finetuning_arguments``), so bad ones fail before any weights load."""
+        ``load_in_4bit``, ``attn_implementation`` and ``trainable_layers``, in train mode, with
+        ``gradient_checkpointing`` if set. The hyperparameters are checked first (``check_finetuning_arguments``), so
+        bad ones fail before any weights load."""
         hp = self.hparams
         check_finetuning_arguments(hp)
         model = loader(
@@ -151,6 +154,7 @@ class FineTuningModule(Exportable, L.LightningModule):
             load_in_8bit=hp.load_in_8bit,
             load_in_4bit=hp.load_in_4bit,
             attn_implementation=hp.attn_implementation,
+            trainable_layers=hp.get("trainable_layers"),
         )
         model.train()  # from_pretrained returns eval mode; dropout belongs in fine-tuning
         if hp.gradient_checkpointing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import string
@@ -22,6 +23,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from lit_rlhf.freezing import freeze_below, top_layer_targets
 
 CACHE_ENV = "LIT_RLHF_CACHE"
 """Environment variable naming the folder where converted bundled checkpoints are cached."""
@@ -203,13 +206,22 @@ class LoraOptions:
         )
 
 
-def apply_lora(model: PreTrainedModel, options: LoraOptions | None, task_type: str = "CAUSAL_LM") -> nn.Module:
-    """Wrap ``model`` in a peft LoRA adapter; return it unchanged when ``options`` is None."""
-    if options is None:
+def train_top_layers(
+    model: PreTrainedModel, trainable_layers: int | None, lora: LoraOptions | None = None, task_type: str = "CAUSAL_LM"
+) -> nn.Module:
+    """``model`` wrapped in a peft LoRA adapter (unchanged when ``lora`` is None), of which only the top
+    ``trainable_layers`` transformer layers train (None: all). With ``lora`` the adapters go on those layers alone
+    (``freezing.top_layer_targets``); without, the embeddings and lower layers are frozen and the top layers, final
+    norm and head train, except a head tied to the input embedding (``freezing.freeze_below`` says why)."""
+    if trainable_layers is not None and lora is not None:
+        lora = dataclasses.replace(lora, target_modules=top_layer_targets(model, lora.target_modules, trainable_layers))
+    elif trainable_layers is not None:
+        freeze_below(model, trainable_layers)
+    if lora is None:
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, options.to_peft(task_type))
+    return get_peft_model(model, lora.to_peft(task_type))
 
 
 def rank_device() -> torch.device:
@@ -274,14 +286,14 @@ def require_lora_for_quantisation(
         raise ValueError(f"load_in_8bit / load_in_4bit freeze the base weights: set {prefix}lora to train adapters.")
 
 
-def _finish_loading(model: PreTrainedModel, lora: LoraOptions | None, task_type: str, quantised: bool) -> nn.Module:
+def _finish_loading(model: PreTrainedModel, lora: LoraOptions | None, task: str, quantised: bool, layers: int | None):
     if quantised and lora is not None:
         from peft import prepare_model_for_kbit_training
 
         # QLoRA's preparation: freeze the quantised base, keep norms in float32, let gradients reach the input
         # embeddings' output. Gradient checkpointing stays the caller's choice.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return apply_lora(model, lora, task_type)
+    return train_top_layers(model, layers, lora, task)
 
 
 def load_causal_lm(
@@ -292,19 +304,21 @@ def load_causal_lm(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
     attn_implementation: str | None = None,
+    trainable_layers: int | None = None,
 ) -> nn.Module:
     """Load a causal LM (bundled name, hub id or path), optionally quantised (bitsandbytes) and wrapped with LoRA.
 
     Quantised weights are frozen and placed at load time on ``device`` (default: ``rank_device()``); with ``lora``
     this is QLoRA. Without quantisation the model loads on the CPU unless ``device`` is given.
     ``attn_implementation`` is transformers' (``eager``, ``sdpa``, ...); None keeps its default.
+    ``trainable_layers``: train only the top this many layers (``train_top_layers``); None trains all.
     """
     kwargs = _load_kwargs(dtype, load_in_8bit, load_in_4bit, device, attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
     quantised = "quantization_config" in kwargs
     if device is not None and not quantised:
         model.to(device)
-    return _finish_loading(model, lora, "CAUSAL_LM", quantised)
+    return _finish_loading(model, lora, "CAUSAL_LM", quantised, trainable_layers)
 
 
 def load_sequence_classifier(
@@ -315,10 +329,12 @@ def load_sequence_classifier(
     load_in_4bit: bool = False,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
+    trainable_layers: int | None = None,
 ) -> nn.Module:
     """Load a one-label sequence classifier (a reward model); a bare trunk gets a freshly initialised head.
 
-    Quantisation and ``attn_implementation`` as in ``load_causal_lm``; the score head stays in full precision.
+    Quantisation, ``attn_implementation`` and ``trainable_layers`` as in ``load_causal_lm``; the score head stays in
+    full precision.
     """
     path = resolve(name_or_path)
     config = AutoConfig.from_pretrained(path, num_labels=1)
@@ -329,7 +345,7 @@ def load_sequence_classifier(
     quantised = "quantization_config" in kwargs
     if device is not None and not quantised:
         model.to(device)
-    return _finish_loading(model, lora, "SEQ_CLS", quantised)
+    return _finish_loading(model, lora, "SEQ_CLS", quantised, trainable_layers)
 
 
 def is_quantised(model: nn.Module) -> bool:
@@ -361,13 +377,15 @@ class ScalarHead(nn.Module):
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
         attn_implementation: str | None = None,
+        trainable_layers: int | None = None,
     ) -> ScalarHead:
-        """A trunk loaded like ``load_causal_lm`` (quantised and / or with LoRA) under a fresh full-precision head."""
+        """A trunk loaded like ``load_causal_lm`` (quantised, with LoRA, only its top ``trainable_layers`` trained)
+        under a fresh full-precision head, which always trains."""
         kwargs = _load_kwargs(dtype, load_in_8bit, load_in_4bit, None, attn_implementation)
         trunk = AutoModel.from_pretrained(resolve(name_or_path), **kwargs)
         hidden = trunk.config.hidden_size
         quantised = "quantization_config" in kwargs
-        head = cls(_finish_loading(trunk, lora, "FEATURE_EXTRACTION", quantised), hidden)
+        head = cls(_finish_loading(trunk, lora, "FEATURE_EXTRACTION", quantised, trainable_layers), hidden)
         if quantised:
             head.head.to(trunk.device)
         return head

@@ -68,6 +68,10 @@ class RewardModelModule(FineTuningModule):
         attn_implementation: transformers' attention kernel for the model(s) (``eager``, ``sdpa``, ...); None keeps
             transformers' default (``sdpa``). On a CPU ``eager`` trains faster at short lengths (bench/README.md: a
             MiniLM reward-model step 1.28 s against 1.54 s); its memory grows with the square of the length.
+        trainable_layers: Train only the top this many transformer layers (decoder or encoder) and what lies above
+            them (final norm or pooler, and the score head); the embeddings and lower layers are frozen: no gradients,
+            no optimizer state, and the backward pass stops at the lowest trained layer. With ``lora``, adapters go
+            on those layers only (the score head still trains in full). None, or the number of layers, trains all.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class RewardModelModule(FineTuningModule):
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
         attn_implementation: str | None = None,
+        trainable_layers: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])

@@ -47,6 +47,11 @@ class SFTModule(FineTuningModule):
         attn_implementation: transformers' attention kernel for the model(s) (``eager``, ``sdpa``, ...); None keeps
             transformers' default (``sdpa``). On a CPU ``eager`` trains faster at short lengths (bench/README.md: a
             MiniLM reward-model step 1.28 s against 1.54 s); its memory grows with the square of the length.
+        trainable_layers: Train only the top this many transformer layers and what lies above them (the final norm,
+            and the LM head unless it is tied to the input embedding, as SmolLM2's is: then it stays frozen, since
+            training it would train the bottom of the model too). The embeddings and lower layers are frozen: no
+            gradients, no optimizer state, and the backward pass stops at the lowest trained layer. With ``lora``,
+            adapters go on those layers only. None, or the number of layers, trains everything.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class SFTModule(FineTuningModule):
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
         attn_implementation: str | None = None,
+        trainable_layers: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])

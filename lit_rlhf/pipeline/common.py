@@ -228,10 +228,17 @@ def generator(
     config: PipelineConfig, generation: GenerationOptions, reward: Any | None = None, reference: bool = False
 ) -> PolicyGenerator:
     """A ``PolicyGenerator`` over the pipeline's policy (with the RL stage's weight dtype), in eval mode; with
-    ``reference`` the frozen reference too (LoRA as in RL, so snapshots load onto it)."""
+    ``reference`` the frozen reference too (LoRA as in RL, on the same layers, so snapshots load onto it)."""
     lora = config.rl.model.get("lora") if reference else None
+    layers = config.rl.model.get("trainable_layers") if lora is not None else None
     return PolicyGenerator.load(
-        config.policy, generation, reward, lora=lora, dtype=config.rl.model.get("dtype", "float32"), reference=reference
+        config.policy,
+        generation,
+        reward,
+        lora=lora,
+        trainable_layers=layers,
+        dtype=config.rl.model.get("dtype", "float32"),
+        reference=reference,
     )
 
 

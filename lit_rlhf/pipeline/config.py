@@ -259,6 +259,7 @@ def validate(config: PipelineConfig) -> None:
     """Fail before the first stage runs on settings that would fail later, naming the keys as the user wrote them:
     stage options out of range, module arguments that cannot work together, Trainer options Lightning rejects."""
     from lit_rlhf.finetuning import check_finetuning_arguments
+    from lit_rlhf.freezing import check_trainable_layers
     from lit_rlhf.rl.checks import check_arguments
 
     for key, value, low in (
@@ -286,6 +287,10 @@ def validate(config: PipelineConfig) -> None:
         )
     check_finetuning_arguments(config.reward.model, prefix="reward.")
     check_arguments({**config.rl.model, "policy": config.policy}, prefix="rl.")
+    for key, model in (("reward", config.reward.model.get("backbone")), ("rl", config.policy)):
+        layers = getattr(config, key).model.get("trainable_layers")
+        if layers is not None and model is not None:
+            check_trainable_layers(layers, _layer_count(model), f"{key}.", model)
     quiet = logging.getLogger("lightning.pytorch")
     level, quiet.level = quiet.level, logging.WARNING  # Trainer() announces its accelerator on every call
     try:
@@ -297,3 +302,16 @@ def validate(config: PipelineConfig) -> None:
                 raise ValueError(f"{key}.trainer: {error}") from error
     finally:
         quiet.level = level
+
+
+def _layer_count(model: str) -> int | None:
+    """The number of transformer layers in ``model``'s config (bundled name, hub id or path), or None when it cannot
+    be read before the stages run (the stage that loads the model then says why)."""
+    from transformers import AutoConfig
+
+    from lit_rlhf.models import resolve
+
+    try:
+        return getattr(AutoConfig.from_pretrained(resolve(model)), "num_hidden_layers", None)
+    except (OSError, ValueError, ImportError):
+        return None

@@ -78,6 +78,7 @@ def check_arguments(arguments: Mapping[str, Any], prefix: str = "model.") -> Val
         args["reference_load_in_8bit"],
         args["reference_load_in_4bit"],
         prefix,
+        args.get("trainable_layers"),
     )
     return critic
 

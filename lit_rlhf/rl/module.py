@@ -116,6 +116,10 @@ class RLHFModule(Exportable, L.LightningModule):
         attn_implementation: transformers' attention kernel (``eager``, ``sdpa``, ...) for policy, reference and value
             trunk; None: transformers' default (``sdpa``). On a CPU ``eager`` runs the update's backward faster at short
             lengths (bench/README.md: 0.710 against 0.875 s for SmolLM2), with memory quadratic in the length.
+        trainable_layers: Train only the top this many decoder layers of the policy (and of a separate value trunk),
+            the final norm and an untied LM head (SmolLM2's is tied to the input embedding and stays frozen); the rest
+            gets no gradient or optimizer state, and the backward stops at the lowest trained layer. With ``lora``,
+            adapters go on those layers only. None, or the number of layers, trains everything (``train_top_layers``).
     """
 
     reuse_rollout_forward: bool = True
@@ -154,6 +158,7 @@ class RLHFModule(Exportable, L.LightningModule):
         rollout_backend: Literal["native", "hf", "vllm"] = "native",
         vllm: VLLMOptions | None = None,
         attn_implementation: str | None = None,
+        trainable_layers: int | None = None,
         ptx_coef: float = 0.0,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lit_rlhf.freezing import check_trainable_layers
 from lit_rlhf.models import DType, LoraOptions, ScalarHead, load_causal_lm, require_lora_for_quantisation
 from lit_rlhf.rl.experience import PolicyOutputs
 
@@ -157,10 +158,12 @@ def check_policy_options(
     reference_load_in_8bit: bool = False,
     reference_load_in_4bit: bool = False,
     prefix: str = "model.",
+    trainable_layers: int | None = None,
 ) -> None:
     """Fail on option combinations ``PolicyModels.load`` cannot build, before any weights are read; errors name the
     options ``{prefix}{option}``."""
     require_lora_for_quantisation(lora, load_in_8bit, load_in_4bit, prefix)
+    check_trainable_layers(trainable_layers, prefix=prefix)
     if (reference_load_in_8bit or reference_load_in_4bit) and lora is not None:
         raise ValueError(
             "With LoRA the reference is the policy with its adapter off (no second model): quantise the base "
@@ -209,6 +212,7 @@ class PolicyModels(nn.Module):
         reference_load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
+        trainable_layers: int | None = None,
         reference: bool = True,
     ) -> PolicyModels:
         """Load the policy from ``name`` (bundled name, hub id or path) and build the reference and the critic.
@@ -219,8 +223,9 @@ class PolicyModels(nn.Module):
         check_policy_options(
             critic, lora, value_model_path, load_in_8bit, load_in_4bit, reference_load_in_8bit, reference_load_in_4bit
         )
-        quantised = {"load_in_8bit": load_in_8bit, "load_in_4bit": load_in_4bit}
-        policy = load_causal_lm(name, dtype=dtype, lora=lora, attn_implementation=attn_implementation, **quantised)
+        # A separate value trunk loads as the policy does: the same quantisation, the same top layers trained.
+        like_policy = {"load_in_8bit": load_in_8bit, "load_in_4bit": load_in_4bit, "trainable_layers": trainable_layers}
+        policy = load_causal_lm(name, dtype=dtype, lora=lora, attn_implementation=attn_implementation, **like_policy)
         frozen = None
         if lora is None and (reference_load_in_8bit or reference_load_in_4bit):
             frozen = load_causal_lm(
@@ -237,7 +242,7 @@ class PolicyModels(nn.Module):
         value_model = None
         if critic == "separate":
             value_model = ScalarHead.from_pretrained(
-                value_model_path or name, dtype=dtype, lora=lora, attn_implementation=attn_implementation, **quantised
+                value_model_path or name, dtype=dtype, lora=lora, attn_implementation=attn_implementation, **like_policy
             )
         if gradient_checkpointing:
             checkpoint_decoder_layers(policy)
