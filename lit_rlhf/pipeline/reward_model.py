@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_rlhf.data import PreferenceDataModule, read_preferences
+from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.pipeline.common import RunPaths, make_trainer, reward_model
 from lit_rlhf.pipeline.config import PipelineConfig
 from lit_rlhf.reporting import read_jsonl
@@ -26,7 +26,7 @@ def run_reward(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Train ``RewardModelModule`` on ``collect/train.jsonl``, export it to ``reward/model``, score held-out pairs."""
     rc = config.reward
     backbone = rc.model["backbone"]
-    has_val = bool(read_preferences(paths.val_pairs))
+    has_val = paths.val_pairs.stat().st_size > 0  # collect writes an empty file when no prompt is held out
     data = PreferenceDataModule(
         tokenizer=backbone,
         train_path=str(paths.train_pairs),
