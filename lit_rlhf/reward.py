@@ -1,6 +1,9 @@
-"""Stage 2: a reward model trained on preference pairs with the Bradley–Terry loss, and its scoring wrapper."""
+"""Stage 2: a reward model trained on preference pairs or K-wise rankings with the Bradley–Terry loss (or the
+Plackett–Luce likelihood), and its scoring wrapper."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,11 @@ from lit_rlhf.models import (
     load_tokenizer,
     resolve,
 )
+from lit_rlhf.ranking import pair_differences, pairwise_ranking_loss, plackett_luce_loss, ranking_centering
+
+RankingLoss = Literal["pairwise", "plackett_luce"]
+"""How a K-wise ranking is scored: see :func:`~lit_rlhf.ranking.pairwise_ranking_loss` and
+:func:`~lit_rlhf.ranking.plackett_luce_loss`."""
 
 
 def bradley_terry_loss(
@@ -46,7 +54,12 @@ def bradley_terry_loss(
 
 
 class RewardModelModule(FineTuningModule):
-    """Train a scalar reward model on preference pairs (chosen vs rejected) with the Bradley–Terry loss.
+    """Train a scalar reward model on preference pairs (chosen vs rejected) with the Bradley–Terry loss, or on K-wise
+    rankings (batches of ``PreferenceDataModule`` with rankings), each response scored once per batch.
+
+    Accuracy (``train/accuracy``, ``val/accuracy``) is the share of comparisons whose better response gets the higher
+    reward, over the pairs of a batch or every comparison of its rankings; ``{val,test}/margin`` is their mean reward
+    gap.
 
     Args:
         backbone: Bundled name, hub id or path of the trunk; any ``AutoModelForSequenceClassification`` model
@@ -58,7 +71,11 @@ class RewardModelModule(FineTuningModule):
             ``learning_rate`` / ``weight_decay`` (set them in its ``init_args``).
         scheduler: Learning-rate schedule after warm-up.
         warmup_ratio: Share of all optimizer steps spent warming up linearly from zero.
-        center_rewards_coefficient: Weight of the reward-centering term ``mean((r_c + r_r)^2)``; 0 turns it off.
+        center_rewards_coefficient: Weight of the reward-centering term ``mean((r_c + r_r)^2)`` (over every pair of a
+            ranking's responses); 0 turns it off.
+        ranking_loss: Loss of ranking batches: ``pairwise``, InstructGPT's Bradley–Terry loss averaged over each
+            prompt's comparisons, or ``plackett_luce``, the likelihood of the whole ranking. Both are the Bradley–Terry
+            loss on a pair; pair batches ignore this.
         dtype: Weight dtype of the backbone.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         load_in_8bit: Load the base weights in 8 bits (bitsandbytes LLM.int8) and train ``lora`` on top.
@@ -84,6 +101,7 @@ class RewardModelModule(FineTuningModule):
         scheduler: SchedulerName = "linear",
         warmup_ratio: float = 0.1,
         center_rewards_coefficient: float = 0.0,
+        ranking_loss: RankingLoss = "pairwise",
         dtype: DType = "float32",
         gradient_checkpointing: bool = False,
         load_in_8bit: bool = False,
@@ -92,6 +110,8 @@ class RewardModelModule(FineTuningModule):
         trainable_layers: int | None = None,
     ) -> None:
         super().__init__()
+        if ranking_loss not in ("pairwise", "plackett_luce"):
+            raise ValueError(f"ranking_loss must be 'pairwise' or 'plackett_luce', got {ranking_loss!r}.")
         self.save_hyperparameters(ignore=["optimizer"])
         make_plain(self)
         self.optimizer_factory = optimizer
@@ -126,24 +146,56 @@ class RewardModelModule(FineTuningModule):
         rewards = self(ids, mask)
         return rewards[: len(chosen_ids)], rewards[len(chosen_ids) :]
 
+    def _ranking_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rewards of every response of a ranking batch in one forward, put back in their slots (0 in empty ones).
+
+        Shape: batch ``input_ids`` / ``attention_mask`` (N, T), ``response_mask`` (B, K) -> (B, K).
+        """
+        rewards = self(batch["input_ids"], batch["attention_mask"])
+        mask = batch["response_mask"]
+        return rewards.new_zeros(mask.shape).masked_scatter(mask, rewards)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of a pair or ranking batch and the reward gap ``r_better − r_worse`` of each of its comparisons.
+
+        Shape: -> scalar and (P,), P the number of comparisons (B for pairs).
+        """
+        coef = self.hparams.center_rewards_coefficient
+        if "response_mask" not in batch:
+            chosen, rejected = self._pair_rewards(batch)
+            return bradley_terry_loss(chosen, rejected, batch.get("margin"), coef), chosen - rejected
+        rewards, mask, scores = self._ranking_rewards(batch), batch["response_mask"], batch["scores"]
+        margin = batch.get("margin")
+        if self.hparams.ranking_loss == "pairwise":
+            loss = pairwise_ranking_loss(rewards, scores, mask, margin)
+        else:
+            if margin is not None and bool(margin.any()):
+                raise ValueError(
+                    "ranking_loss=plackett_luce has no margin, but this batch holds pairs with a margin (read among "
+                    "rankings); use ranking_loss=pairwise, or drop the margin column."
+                )
+            loss = plackett_luce_loss(rewards, scores, mask)
+        if coef:
+            loss = loss + coef * ranking_centering(rewards, mask)
+        return loss, pair_differences(rewards, scores, mask)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        chosen, rejected = self._pair_rewards(batch)
-        loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.center_rewards_coefficient)
+        loss, diff = self._loss(batch)
         self.check_loss(loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen))
-        self.log("train/accuracy", (chosen > rejected).float().mean(), prog_bar=True, batch_size=len(chosen))
+        rows = _rows(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
+        self.log("train/accuracy", (diff > 0).float().mean(), prog_bar=True, batch_size=rows)
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        chosen, rejected = self._pair_rewards(batch)
-        loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.center_rewards_coefficient)
-        diff = chosen - rejected
+        loss, diff = self._loss(batch)
+        rows = _rows(batch)
         # A tie (diff == 0) counts as wrong: σ(0) = 0.5 is not above the 0.5 threshold.
         self.accuracy[stage](torch.sigmoid(diff), torch.ones_like(diff, dtype=torch.long))
         self.mean_margin[stage](diff)
-        self.log(f"{stage}/loss", loss, batch_size=len(chosen), sync_dist=True)
-        self.log(f"{stage}/accuracy", self.accuracy[stage], batch_size=len(chosen), prog_bar=True)
-        self.log(f"{stage}/margin", self.mean_margin[stage], batch_size=len(chosen))
+        self.log(f"{stage}/loss", loss, batch_size=rows, sync_dist=True)
+        self.log(f"{stage}/accuracy", self.accuracy[stage], batch_size=rows, prog_bar=True)
+        self.log(f"{stage}/margin", self.mean_margin[stage], batch_size=rows)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -152,8 +204,16 @@ class RewardModelModule(FineTuningModule):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Pairs: ``chosen`` and ``rejected`` rewards (B,); rankings: ``rewards`` (B, K), NaN in empty slots."""
+        if "response_mask" in batch:
+            return {"rewards": self._ranking_rewards(batch).masked_fill(~batch["response_mask"], float("nan"))}
         chosen, rejected = self._pair_rewards(batch)
         return {"chosen": chosen, "rejected": rejected}
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> int:
+    """Pairs or rankings in a batch (what the logged means average over)."""
+    return len(batch["response_mask"] if "response_mask" in batch else batch["chosen_input_ids"])
 
 
 class RewardModel(Configurable):

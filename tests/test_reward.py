@@ -1,5 +1,6 @@
-"""Reward models (``lit_rlhf.reward``): the Bradley–Terry loss by hand, the pair forward over collated batches, and
-the ``RewardModel`` scorer, which gives the trained module's scores whatever its batching."""
+"""Reward models (``lit_rlhf.reward``): the Bradley–Terry loss by hand, the pair and ranking forwards over collated
+batches, a tiny fit on rankings, and the ``RewardModel`` scorer, which gives the trained module's scores whatever its
+batching."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from lit_rlhf.data.encoding import PreferenceCollator, encode_prompt_response
+from lit_rlhf.data.encoding import PreferenceCollator, RankingCollator, encode_prompt_response, encode_prompt_responses
 from lit_rlhf.models import LoraOptions
 from lit_rlhf.reward import RewardModel, RewardModelModule, bradley_terry_loss
 
@@ -99,3 +100,79 @@ def test_reward_model_scores_do_not_depend_on_the_batch_padding(tmp_path):
     alone = scorer(prompts, replies)
     scorer.batch_size = 3  # a batch of 3 and one of 1, right-padded with pad_right
     torch.testing.assert_close(scorer(prompts, replies), alone, rtol=1e-4, atol=1e-4)
+
+
+def test_ranking_rewards_score_each_response_as_alone_and_fill_their_slots():
+    module = RewardModelModule(backbone="tiny-llama").eval()
+    tok = module.tokenizer
+    responses = [[" Hello!", " No.", " Go away."], [" yes", ""]]
+    encoded = [encode_prompt_responses(tok, "hi", group, 64) for group in responses]
+    items = [{"input_ids": ids, "scores": list(range(len(ids))), "margin": 0.0} for ids in encoded]
+    batch = RankingCollator(tok.pad_token_id)(items)
+    with torch.no_grad():
+        rewards = module._ranking_rewards(batch)
+        alone = [module(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for g in encoded for s in g]
+        predicted = module.predict_step(batch, 0)["rewards"]
+    assert rewards.shape == (2, 3) and rewards[1, 2].item() == 0.0
+    torch.testing.assert_close(rewards[batch["response_mask"]], torch.tensor(alone), rtol=1e-4, atol=1e-4)
+    assert math.isnan(predicted[1, 2].item()) and torch.equal(predicted[0], rewards[0])
+
+
+@pytest.mark.parametrize("ranking_loss", ["pairwise", "plackett_luce"])
+def test_pairs_as_rankings_of_two_give_the_pair_loss_and_accuracy(ranking_loss):
+    module = RewardModelModule(backbone="tiny-llama", center_rewards_coefficient=0.1, ranking_loss=ranking_loss)
+    module.eval()
+    tok = module.tokenizer
+    chosen = [encode_prompt_response(tok, "hi", r, 64) for r in (" Hello!", " No.")]
+    rejected = [encode_prompt_response(tok, "hi", r, 64) for r in (" Go away, I am busy.", "")]
+    pairs = PreferenceCollator(tok.pad_token_id)(
+        [{"chosen_input_ids": c, "rejected_input_ids": r, "margin": 0.0} for c, r in zip(chosen, rejected, strict=True)]
+    )
+    rankings = RankingCollator(tok.pad_token_id)(
+        [{"input_ids": [c, r], "scores": [1.0, 0.0], "margin": 0.0} for c, r in zip(chosen, rejected, strict=True)]
+    )
+    with torch.no_grad():
+        pair_loss, pair_gaps = module._loss(pairs)
+        ranking_loss_value, ranking_gaps = module._loss(rankings)
+    torch.testing.assert_close(ranking_loss_value, pair_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ranking_gaps, pair_gaps, rtol=1e-5, atol=1e-5)
+
+
+def test_plackett_luce_refuses_pair_margins_and_unknown_losses_fail():
+    module = RewardModelModule(backbone="tiny-llama", ranking_loss="plackett_luce")
+    batch = RankingCollator(0)([{"input_ids": [[14], [15]], "scores": [1.0, 0.0], "margin": 1.0}])
+    with pytest.raises(ValueError, match="plackett_luce has no margin"):
+        module._loss(batch)
+    with pytest.raises(ValueError, match="ranking_loss must be 'pairwise' or 'plackett_luce', got 'listwise'"):
+        RewardModelModule(backbone="tiny-llama", ranking_loss="listwise")
+
+
+@pytest.mark.parametrize("ranking_loss", ["pairwise", "plackett_luce"])
+def test_a_tiny_reward_model_learns_rankings(ranking_loss, tmp_path):
+    import json
+
+    import lightning as L
+
+    from lit_rlhf.data import PreferenceDataModule
+
+    rows = [
+        {"prompt": "Q: mood?", "responses": [" sad", " great", " fine", " bad"], "ranking": [1, 2, 3, 0]},
+        {"prompt": "Q: day?", "responses": [" good", " awful"], "scores": [1.0, 0.0]},
+        {"prompt": "Q: food?", "responses": [" tasty", " ok", " gross"], "scores": [2.0, 1.0, 1.0]},
+    ]
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    L.seed_everything(0, verbose=False)
+    module = RewardModelModule(
+        backbone="tiny-llama", learning_rate=3e-3, warmup_ratio=0.0, scheduler="constant", ranking_loss=ranking_loss
+    )
+    data = PreferenceDataModule("tiny-llama", train_path=str(path), val_path=str(path), batch_size=3)
+    trainer = L.Trainer(
+        max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    before = trainer.validate(module, data, verbose=False)[0]
+    trainer.fit(module, data)
+    after = trainer.validate(module, data, verbose=False)[0]
+    # 6 + 1 + 2 = 9 comparisons, each counted once in the accuracy; the training rows are learnt.
+    assert after["val/loss"] < before["val/loss"]
+    assert after["val/accuracy"] == 1.0 and after["val/margin"] > 0

@@ -1,9 +1,10 @@
-"""LightningDataModules for the three RLHF stages (prompts, preference pairs, SFT) and their row formats."""
+"""LightningDataModules for the three RLHF stages (prompts, preference pairs or rankings, SFT) and their row formats."""
 
 from lit_rlhf.data.encoding import encode_prompt, encode_prompt_response, pad_left, pad_right
 from lit_rlhf.data.errors import DataFormatError
 from lit_rlhf.data.preferences import PreferenceDataModule, read_preferences, write_preferences
 from lit_rlhf.data.prompts import PromptDataModule, load_prompts, read_prompts
+from lit_rlhf.data.rankings import RankingExample, parse_ranking_row
 from lit_rlhf.data.rows import PreferenceExample, SFTExample, parse_preference_row, parse_sft_row
 from lit_rlhf.data.sft import SFTDataModule, read_sft
 
@@ -12,6 +13,7 @@ __all__ = [
     "PreferenceDataModule",
     "PreferenceExample",
     "PromptDataModule",
+    "RankingExample",
     "SFTDataModule",
     "SFTExample",
     "encode_prompt",
@@ -20,6 +22,7 @@ __all__ = [
     "pad_left",
     "pad_right",
     "parse_preference_row",
+    "parse_ranking_row",
     "parse_sft_row",
     "read_preferences",
     "read_prompts",

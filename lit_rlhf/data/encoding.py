@@ -1,5 +1,5 @@
-"""All tokenisation and padding of the data pipeline: the encoders that turn prompts, preference pairs and SFT examples
-into token ids, and the collators that pad them into batches."""
+"""All tokenisation and padding of the data pipeline: the encoders that turn prompts, preference pairs and rankings and
+SFT examples into token ids, and the collators that pad them into batches."""
 
 from __future__ import annotations
 
@@ -67,6 +67,13 @@ def encode_prompt_response(
     pair special tokens are added. Reward training and :class:`lit_rlhf.reward.RewardModel` scoring both call this,
     so they see identical inputs.
     """
+    return encode_prompt_responses(tokenizer, prompt, [response], max_length)[0]
+
+
+def encode_prompt_responses(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, responses: Sequence[str], max_length: int
+) -> list[list[int]]:
+    """:func:`encode_prompt_response` of each response to one prompt, the prompt tokenised once."""
     if hasattr(type(tokenizer), "build_inputs_with_special_tokens"):
         specials = tokenizer.num_special_tokens_to_add(pair=True)
     else:
@@ -74,11 +81,14 @@ def encode_prompt_response(
     budget = max_length - specials
     if budget <= 0:
         raise ValueError(f"max_length={max_length} leaves no room for text after the special tokens; raise it.")
-    response_ids = tokenize(tokenizer, response)[:budget]
     prompt_ids = tokenize(tokenizer, prompt)
-    keep = budget - len(response_ids)
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) - keep) :] if keep > 0 else []
-    return build_with_special_tokens(tokenizer, prompt_ids, response_ids)
+    encoded = []
+    for response in responses:
+        response_ids = tokenize(tokenizer, response)[:budget]
+        keep = budget - len(response_ids)
+        kept = prompt_ids[max(0, len(prompt_ids) - keep) :] if keep > 0 else []
+        encoded.append(build_with_special_tokens(tokenizer, kept, response_ids))
+    return encoded
 
 
 def encode_sft(tokenizer: PreTrainedTokenizerBase, example: SFTExample, max_length: int) -> tuple[list[int], list[int]]:
@@ -191,12 +201,15 @@ class PromptCollator:
 
 
 class PreferenceCollator:
-    """Batch preference items; chosen and rejected are padded to one common length so a model can stack them."""
+    """Batch preference items; chosen and rejected are padded to one common length so a model can stack them.
+    Ranking items (with ``input_ids``) are batched as :class:`RankingCollator` does."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "input_ids" in items[0]:
+            return RankingCollator(self.pad_id)(items)
         length = max(len(item[key]) for item in items for key in ("chosen_input_ids", "rejected_input_ids"))
         chosen_ids, chosen_mask = pad_right([item["chosen_input_ids"] for item in items], self.pad_id, length)
         rejected_ids, rejected_mask = pad_right([item["rejected_input_ids"] for item in items], self.pad_id, length)
@@ -205,6 +218,38 @@ class PreferenceCollator:
             "chosen_attention_mask": chosen_mask,
             "rejected_input_ids": rejected_ids,
             "rejected_attention_mask": rejected_mask,
+            "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
+        }
+
+
+class RankingCollator:
+    """Batch ranking items (``input_ids``: K_b id lists, ``scores``: K_b floats, ``margin``), K_b varying per item.
+
+    ``input_ids`` / ``attention_mask`` (N, T), N = Σ K_b: every response of the batch once, item by item, right-padded
+    to one T, so a model scores each response in one forward and spends none on empty slots. ``response_mask``
+    (B, K) bool, K = max K_b, marks the slots that hold a response (the first K_b of row b, where ``masked_scatter``
+    puts the N rewards back). ``scores`` (B, K) float32 orders them: a response's level among the distinct scores of
+    its row, 0 the lowest (0 in empty slots). ``margin`` (B,) float32.
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_right([ids for item in items for ids in item["input_ids"]], self.pad_id)
+        k = max(len(item["scores"]) for item in items)
+        response_mask = torch.zeros((len(items), k), dtype=torch.bool)
+        scores = torch.zeros((len(items), k), dtype=torch.float32)
+        for row, item in enumerate(items):
+            response_mask[row, : len(item["scores"])] = True
+            # Levels, not the scores themselves: only the order counts, and small integers stay exact in float32.
+            levels = sorted(set(item["scores"]))
+            scores[row, : len(item["scores"])] = torch.tensor([levels.index(s) for s in item["scores"]])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "response_mask": response_mask,
+            "scores": scores,
             "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
         }
 

@@ -1,4 +1,5 @@
-"""Preference pairs for reward-model training: read/write functions and ``PreferenceDataModule``."""
+"""Preferences for reward-model training, as pairs or K-wise rankings: read/write functions and
+``PreferenceDataModule``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.encoding import PreferenceCollator, encode_prompt_response
+from lit_rlhf.data.encoding import PreferenceCollator, encode_prompt_response, encode_prompt_responses
 from lit_rlhf.data.loading import SplitDataModule
+from lit_rlhf.data.rankings import RankingExample, is_ranking_row, parse_ranking_row, ranking_from_pair
 from lit_rlhf.data.rows import PreferenceExample, parse_preference_row
 from lit_rlhf.data.sources import load_examples
 from lit_rlhf.models import load_tokenizer
@@ -26,23 +28,39 @@ def read_preferences(
     skip_invalid: bool = False,
     hub_kwargs: Mapping[str, Any] | None = None,
     stats: dict[str, int] | None = None,
-) -> list[PreferenceExample]:
-    """Read a preference file (or ``datasets`` source) into examples, dropping pairs whose responses are identical.
+) -> list[PreferenceExample] | list[RankingExample]:
+    """Read a preference file (or ``datasets`` source) into examples, dropping those with nothing to prefer.
+
+    Pair rows give :class:`~lit_rlhf.data.rows.PreferenceExample` examples. When any row is a ranking (it has
+    ``responses``), every example is a :class:`~lit_rlhf.data.rankings.RankingExample`, each pair a ranking of two
+    (:func:`~lit_rlhf.data.rankings.ranking_from_pair`), so that one source gives batches of one kind.
 
     Args:
         source: A ``.jsonl`` / ``.json`` / ``.csv`` (optionally ``.gz``) / ``.parquet`` file, a dataset folder, or a hub
-            dataset name. Row formats are detected per row (see :func:`~lit_rlhf.data.rows.parse_preference_row`).
+            dataset name. Row formats are detected per row (see :func:`~lit_rlhf.data.rows.parse_preference_row` and
+            :func:`~lit_rlhf.data.rankings.parse_ranking_row`).
         tokenizer: Tokenizer (or its name) whose chat template renders conversational rows; None renders them as
             ``"role: content"`` lines.
         split: Split to load from a folder or hub dataset; ignored for files.
         skip_invalid: Skip and count bad rows instead of raising :class:`~lit_rlhf.data.errors.DataFormatError`.
         hub_kwargs: Extra ``datasets.load_dataset`` arguments (``data_dir``, ``name``, ``revision`` ...).
-        stats: If given, filled with the counts ``rows``, ``kept``, ``invalid``, ``identical``, ``realigned``.
+        stats: If given, filled with the counts ``rows``, ``kept``, ``invalid``, ``identical`` (pairs with identical
+            responses, rankings whose responses all tie), ``realigned``; and, when the source holds rankings,
+            ``rankings`` (ranking rows read) and ``merged`` (responses merged into an identical one of their row).
     """
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, padding_side="right")
 
-    def parse(row: Mapping[str, Any], file: str, line: int, counts: Counter) -> PreferenceExample | None:
+    def parse(
+        row: Mapping[str, Any], file: str, line: int, counts: Counter
+    ) -> PreferenceExample | RankingExample | None:
+        if is_ranking_row(row):
+            ranking = parse_ranking_row(row, tokenizer, file, line, counts)
+            counts["rankings"] += 1
+            if not ranking.pairs:
+                counts["identical"] += 1
+                return None
+            return ranking
         example = parse_preference_row(row, tokenizer, file, line, counts)
         if example.chosen == example.rejected:
             counts["identical"] += 1
@@ -50,25 +68,39 @@ def read_preferences(
         return example
 
     examples, counts = load_examples(source, parse, split, skip_invalid, hub_kwargs, what="preference rows")
+    if any(isinstance(example, RankingExample) for example in examples):
+        examples = [e if isinstance(e, RankingExample) else ranking_from_pair(e) for e in examples]
     if stats is not None:
-        stats.update({key: counts.get(key, 0) for key in ("rows", "kept", "invalid", "identical", "realigned")})
+        keys = ["rows", "kept", "invalid", "identical", "realigned"]
+        if counts.get("rankings"):
+            keys += ["rankings", "merged"]
+        stats.update({key: counts.get(key, 0) for key in keys})
     return examples
 
 
-def write_preferences(pairs: Iterable[PreferenceExample], path: str | Path) -> Path:
-    """Write pairs as JSON lines ``{"prompt", "chosen", "rejected"[, "margin"]}`` (gzip if the name ends in ``.gz``).
+def write_preferences(examples: Iterable[PreferenceExample | RankingExample], path: str | Path) -> Path:
+    """Write JSON lines (gzip if the name ends in ``.gz``): pairs as ``{"prompt", "chosen", "rejected"[, "margin"]}``,
+    rankings as ``{"prompt", "responses", "scores"}``.
 
     :class:`PreferenceDataModule` and :func:`read_preferences` read the file back to equal examples; ``margin`` is
-    written only when it is not 0.
+    written only when it is not 0, and a ranking of two with a margin (a pair read among rankings) as the pair it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as handle:
-        for pair in pairs:
-            row: dict[str, Any] = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
-            if pair.margin:
-                row["margin"] = pair.margin
+        for example in examples:
+            if isinstance(example, RankingExample) and example.margin and len(example.responses) == 2:
+                (better, worse), *_ = example.pairs
+                responses = example.responses
+                example = PreferenceExample(example.prompt, responses[better], responses[worse], example.margin)
+            row: dict[str, Any] = {"prompt": example.prompt}
+            if isinstance(example, RankingExample):
+                row |= {"responses": list(example.responses), "scores": list(example.scores)}
+            else:
+                row |= {"chosen": example.chosen, "rejected": example.rejected}
+                if example.margin:
+                    row["margin"] = example.margin
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
@@ -98,13 +130,41 @@ class PreferenceDataset(Dataset):
         return max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"]))
 
 
+class RankingDataset(Dataset):
+    """Rankings encoded on access: the prompt tokenised once, each response once
+    (:func:`~lit_rlhf.data.encoding.encode_prompt_responses`)."""
+
+    def __init__(self, examples: list[RankingExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        return {
+            "input_ids": encode_prompt_responses(self.tokenizer, example.prompt, example.responses, self.max_length),
+            "scores": list(example.scores),
+            "margin": example.margin,
+        }
+
+    def length(self, index: int) -> int:
+        """Tokens of the longest response of ranking ``index`` (what its batch pads to)."""
+        return max(len(ids) for ids in self[index]["input_ids"])
+
+
 class PreferenceDataModule(SplitDataModule):
-    """Preference pairs (chosen / rejected responses to one prompt) for Bradley–Terry reward-model training.
+    """Preferences for reward-model training: pairs (chosen / rejected responses to one prompt) or K-wise rankings
+    (K >= 2 responses to one prompt, ranked or scored).
 
     Reads hh-rlhf transcripts, ``prompt``/``chosen``/``rejected`` plain text or conversational message lists, with an
-    optional ``margin`` column, detected per row. Batches: ``chosen_input_ids``, ``chosen_attention_mask``,
+    optional ``margin`` column, and ``prompt``/``responses`` rows with a ``ranking`` or ``scores``, detected per row.
+    A source with only pairs gives pair batches: ``chosen_input_ids``, ``chosen_attention_mask``,
     ``rejected_input_ids``, ``rejected_attention_mask`` (all (B, T) long, right-padded to one T) and ``margin`` (B,)
-    float. Per-split counts are in :attr:`stats` after ``setup``.
+    float. A source with any ranking gives ranking batches, its pairs read as rankings of two (see
+    :class:`~lit_rlhf.data.encoding.RankingCollator`): ``input_ids`` / ``attention_mask`` (N, T) with every response of
+    the batch once, ``response_mask`` (B, K) bool, ``scores`` (B, K) and ``margin`` (B,). Per-split counts are in
+    :attr:`stats` after ``setup``.
     """
 
     def __init__(
@@ -129,15 +189,16 @@ class PreferenceDataModule(SplitDataModule):
         Args:
             tokenizer: Tokenizer of the reward model: bundled name, hub id or local path (linked to the model's
                 backbone by the CLI). Its chat template renders conversational rows.
-            train_path: Training pairs: a ``.jsonl`` / ``.json`` / ``.csv`` (``.gz`` allowed) / ``.parquet`` file, a
-                dataset folder, or a hub dataset name such as ``Anthropic/hh-rlhf``.
-            val_path: Validation pairs, same kinds of source. Leave None to use ``val_fraction`` or no validation.
-            test_path: Test pairs, same kinds of source.
+            train_path: Training pairs or rankings: a ``.jsonl`` / ``.json`` / ``.csv`` (``.gz`` allowed) /
+                ``.parquet`` file, a dataset folder, or a hub dataset name such as ``Anthropic/hh-rlhf``.
+            val_path: Validation pairs or rankings, same kinds of source. Leave None to use ``val_fraction`` or no
+                validation.
+            test_path: Test pairs or rankings, same kinds of source.
             val_fraction: Fraction of the training rows held out for validation (deterministic given ``seed``);
                 0 disables. Cannot be combined with ``val_path``.
             seed: Seed for the validation carve-out and the training shuffle order.
             max_length: Longest encoded prompt + response; the prompt is cut from the left to keep the response.
-            batch_size: Pairs per batch.
+            batch_size: Pairs or rankings per batch (a ranking of K responses is K sequences in the forward pass).
             num_workers: DataLoader worker processes (0 encodes in the main process).
             group_by_length: Batch training examples of similar length together (``LengthGroupedSampler``): less
                 padding, so faster steps; batches are then drawn from length-sorted windows of 50 batches.
@@ -167,8 +228,9 @@ class PreferenceDataModule(SplitDataModule):
     def read_split(self, path: str, split_name: str, stats: dict[str, int]) -> list[PreferenceExample]:
         return read_preferences(path, self.tokenizer, split_name, self.skip_invalid, self.hub_kwargs, stats=stats)
 
-    def make_dataset(self, examples: list[PreferenceExample]) -> Dataset:
-        return PreferenceDataset(examples, self.tokenizer, self.max_length)
+    def make_dataset(self, examples: list[PreferenceExample] | list[RankingExample]) -> Dataset:
+        rankings = bool(examples) and isinstance(examples[0], RankingExample)
+        return (RankingDataset if rankings else PreferenceDataset)(examples, self.tokenizer, self.max_length)
 
     def make_collator(self) -> PreferenceCollator:
         return PreferenceCollator(self.tokenizer.pad_token_id)

@@ -1,4 +1,5 @@
-"""Stage 1: sample K completions per training prompt from the policy and have the simulated annotator label pairs."""
+"""Stage 1: sample K completions per training prompt from the policy and have the simulated annotator label pairs,
+written as pairs or as one ranking per prompt."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lit_rlhf.data import PreferenceExample, load_prompts, write_preferences
+from lit_rlhf.data import PreferenceExample, RankingExample, load_prompts, write_preferences
 from lit_rlhf.pipeline.common import RunPaths, annotator_for, generator, sampling_precision, write_jsonl
 from lit_rlhf.pipeline.config import PipelineConfig
 
@@ -32,8 +33,29 @@ def split_prompts(prompts: list[str], val_fraction: float, seed: int) -> set[str
     return set(random.Random(seed).sample(unique, count))
 
 
+def rank_by_wins(labels: list[dict[str, Any]]) -> list[RankingExample]:
+    """One ranking per prompt from its labelled pairs (``prompt``/``chosen``/``rejected`` records): each distinct
+    completion is scored by the share of its pairs it won (a wins count, divided by the pairs it took part in, which
+    differ only where identical samples or dropped ties left some out). Prompts whose completions all won the same
+    share, a cycle of labels among them, carry no order and give no ranking."""
+    tallies: dict[str, dict[str, list[int]]] = {}
+    for label in labels:
+        group = tallies.setdefault(label["prompt"], {})
+        for completion, won in ((label["chosen"], 1), (label["rejected"], 0)):
+            record = group.setdefault(completion, [0, 0])
+            record[0] += won
+            record[1] += 1
+    rankings = []
+    for prompt, group in tallies.items():
+        scores = tuple(wins / pairs for wins, pairs in group.values())
+        if len(set(scores)) > 1:
+            rankings.append(RankingExample(prompt, tuple(group), scores))
+    return rankings
+
+
 def run_collect(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Write ``collect/train.jsonl`` and ``collect/val.jsonl`` (preference pairs) and ``collect/annotations.jsonl``."""
+    """Write ``collect/train.jsonl`` and ``collect/val.jsonl`` (preference pairs, or rankings with
+    ``collect.format: rankings``) and ``collect/annotations.jsonl`` (the labelled pairs)."""
     cc = config.collect
     k = cc.generation.num_samples
     if k < 2:
@@ -77,8 +99,12 @@ def run_collect(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     kept = [a for a in annotations if not (cc.drop_ties and a.get("tie"))]
     for a in annotations:
         a["split"] = "val" if a["prompt"] in val_prompts else "train"
-    train = [_example(a) for a in kept if a["split"] == "train"]
-    val = [_example(a) for a in kept if a["split"] == "val"]
+    if cc.format == "rankings":
+        train: list[Any] = rank_by_wins([a for a in kept if a["split"] == "train"])
+        val: list[Any] = rank_by_wins([a for a in kept if a["split"] == "val"])
+    else:
+        train = [_example(a) for a in kept if a["split"] == "train"]
+        val = [_example(a) for a in kept if a["split"] == "val"]
     if not train:
         raise RuntimeError(
             f"collect produced no training pairs from {len(prompts)} prompts ({len(annotations)} labelled, {ties} "
@@ -99,8 +125,11 @@ def run_collect(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         "identical_pairs": identical,
         "ties": ties,
         "ties_dropped": cc.drop_ties,
-        "train_pairs": len(train),
-        "val_pairs": len(val),
+        "format": cc.format,
+        # Comparisons the reward model trains on: one per pair row, every differently scored two of a ranking.
+        "train_pairs": comparisons_in(train),
+        "val_pairs": comparisons_in(val),
+        **({"train_rankings": len(train), "val_rankings": len(val)} if cc.format == "rankings" else {}),
         "val_prompts": len(val_prompts),
         # How often the sampled label follows the judge's own ordering: 1 for a noiseless annotator.
         "label_agreement_with_judge": (
@@ -112,6 +141,11 @@ def run_collect(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         else None,
         "annotator": type(annotator).__name__,
     }
+
+
+def comparisons_in(examples: list[PreferenceExample] | list[RankingExample]) -> int:
+    """How many comparisons the examples hold: 1 per pair, ``len(example.pairs)`` per ranking."""
+    return sum(len(e.pairs) if isinstance(e, RankingExample) else 1 for e in examples)
 
 
 def _record(preference: Any) -> dict[str, Any]:

@@ -60,6 +60,13 @@ class CollectConfig:
     """Share of the prompts whose pairs are held out to measure the reward model's pair accuracy."""
     drop_ties: bool = True
     """Leave out pairs the annotator marks as ties (equal judge scores): their label is a coin flip."""
+    format: Literal["pairs", "rankings"] = "pairs"
+    """What ``collect/train.jsonl`` and ``val.jsonl`` hold. ``pairs``: every labelled pair as a
+    ``prompt``/``chosen``/``rejected`` row. ``rankings``: one ``prompt``/``responses``/``scores`` row per prompt
+    (InstructGPT's K-wise comparisons), each distinct completion scored by the share of its labelled pairs it won,
+    so the reward model scores each completion once instead of once per pair. Completions with equal shares are not
+    compared, and where the labels contradict each other (a beat b, b beat c, c beat a) the ranking overrules some of
+    them. ``annotations.jsonl``, and the reward stage's held-out accuracy, keep the pair labels either way."""
 
 
 @dataclass

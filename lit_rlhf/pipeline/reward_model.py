@@ -1,4 +1,5 @@
-"""Stage 2: fit a Bradley–Terry reward model to the collected pairs, export it, and measure held-out pair accuracy."""
+"""Stage 2: fit a Bradley–Terry reward model to the collected pairs or rankings, export it, and measure held-out pair
+accuracy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_rlhf.data import PreferenceDataModule, read_preferences
+from lit_rlhf.data import PreferenceDataModule, RankingExample
+from lit_rlhf.pipeline.collect import comparisons_in
 from lit_rlhf.pipeline.common import RunPaths, make_trainer, reward_model
 from lit_rlhf.pipeline.config import PipelineConfig
 from lit_rlhf.reporting import read_jsonl
@@ -23,10 +25,11 @@ def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 
 
 def run_reward(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Train ``RewardModelModule`` on ``collect/train.jsonl``, export it to ``reward/model``, score held-out pairs."""
+    """Train ``RewardModelModule`` on ``collect/train.jsonl`` (pairs or rankings, as collect wrote them), export it to
+    ``reward/model``, score held-out pairs."""
     rc = config.reward
     backbone = rc.model["backbone"]
-    has_val = bool(read_preferences(paths.val_pairs))
+    has_val = paths.val_pairs.stat().st_size > 0  # collect writes an empty file when no prompt is held out
     data = PreferenceDataModule(
         tokenizer=backbone,
         train_path=str(paths.train_pairs),
@@ -43,12 +46,15 @@ def run_reward(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
 
     summary: dict[str, Any] = {
         "backbone": backbone,
-        "train_pairs": len(data.examples["train"]),
-        "val_pairs": len(data.examples.get("val", [])),
+        "train_pairs": comparisons_in(data.examples["train"]),
+        "val_pairs": comparisons_in(data.examples.get("val", [])),
         "epochs": trainer.current_epoch,
         "optimizer_steps": trainer.global_step,
         "final_train_loss": _metric(trainer, "train/loss"),
     }
+    if data.examples["train"] and isinstance(data.examples["train"][0], RankingExample):
+        summary["train_rankings"] = len(data.examples["train"])
+        summary["ranking_loss"] = module.hparams.ranking_loss
     if has_val:
         summary.update(held_out_accuracy(config, paths))
     return summary

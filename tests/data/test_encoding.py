@@ -8,8 +8,10 @@ from lit_rlhf.data.encoding import (
     IGNORE_INDEX,
     PreferenceCollator,
     PromptCollator,
+    RankingCollator,
     SFTCollator,
     encode_prompt_response,
+    encode_prompt_responses,
     encode_sft,
     pad_left,
     pad_right,
@@ -28,6 +30,13 @@ def test_encode_prompt_response_cuts_prompt_from_left(tok):
     # The response alone exceeds the budget: prompt dropped, response cut from the right to "uvwx".
     assert encode_prompt_response(tok, "ab", "uvwxyz", max_length=4) == [U, V, W, X]
     assert encode_prompt_response(tok, "ab", "c", max_length=10) == [A, B, C]
+
+
+def test_encode_prompt_responses_cuts_each_response_budget_alone(tok):
+    # Budget 5: "xyz" keeps the prompt's last 2 chars, "u" its last 4, "uvwxyz" none of it (cut to "uvwxy").
+    encoded = encode_prompt_responses(tok, "abcdef", ["xyz", "u", "uvwxyz"], max_length=5)
+    assert encoded == [[E, F, X, Y, Z], [C, D, E, F, U], [U, V, W, X, Y]]
+    assert encoded == [encode_prompt_response(tok, "abcdef", r, 5) for r in ("xyz", "u", "uvwxyz")]
 
 
 def test_encode_prompt_response_bert_pair_special_tokens():
@@ -106,6 +115,20 @@ def test_collators_batch_as_written_out_by_hand():
     assert pairs["rejected_input_ids"].tolist() == [[B, C, D], [U, 0, 0]]
     assert pairs["rejected_attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert pairs["margin"].dtype == torch.float32 and pairs["margin"].tolist() == [1.5, 0.0]
+
+    items = [
+        {"input_ids": [[A], [B, C], [D]], "scores": [0.5, 2.0, 0.5], "margin": 0.0},
+        {"input_ids": [[E, F, U], [V]], "scores": [1.0, 0.0], "margin": 1.5},
+    ]
+    rankings = RankingCollator(pad_id=0)(items)
+    assert PreferenceCollator(pad_id=0)(items).keys() == rankings.keys()  # it hands ranking items on
+    # Five responses, one row each, padded to the longest (3); two rankings, K = 3 slots, the second's last empty.
+    assert rankings["input_ids"].tolist() == [[A, 0, 0], [B, C, 0], [D, 0, 0], [E, F, U], [V, 0, 0]]
+    assert rankings["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert rankings["response_mask"].tolist() == [[True, True, True], [True, True, False]]
+    # Scores become levels among the row's distinct scores: 0.5 -> 0, 2.0 -> 1; 1.0 -> 1, 0.0 -> 0.
+    assert rankings["scores"].tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert rankings["margin"].tolist() == [0.0, 1.5]
 
     sft = SFTCollator(pad_id=0)([([A, B, C, 3], [IGNORE_INDEX, IGNORE_INDEX, C, 3]), ([X, 3], [X, 3])])
     assert sft["input_ids"].tolist() == [[A, B, C, 3], [X, 3, 0, 0]]

@@ -1,9 +1,13 @@
-"""The collect stage (``lit_rlhf.pipeline.collect``): pairs, held-out prompts, the preference files it writes."""
+"""The collect stage (``lit_rlhf.pipeline.collect``): pairs, held-out prompts, rankings from wins, the preference files
+it writes in either format."""
+
+import json
 
 import pytest
 
-from lit_rlhf.data import read_preferences
-from lit_rlhf.pipeline.collect import all_pairs, split_prompts
+from lit_rlhf.data import RankingExample, read_preferences
+from lit_rlhf.pipeline.collect import all_pairs, rank_by_wins, split_prompts
+from tests.pipeline.support import run
 
 
 def test_all_pairs():
@@ -31,3 +35,45 @@ def test_tiny_pipeline_writes_preferences_in_the_data_module_format(tiny_run):
     assert len(pairs) + len(held_out) == 24
     assert len(held_out) == 6
     assert {p.prompt for p in pairs}.isdisjoint({p.prompt for p in held_out})
+
+
+def label(prompt: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def test_rank_by_wins_scores_the_share_of_pairs_won():
+    labels = [
+        # p: a beat b and c, c beat b: shares a 2/2, b 0/2, c 1/2.
+        label("p", "a", "b"),
+        label("p", "a", "c"),
+        label("p", "c", "b"),
+        # q: a cycle, x > y > z > x: every share 1/2, no order, no ranking.
+        label("q", "x", "y"),
+        label("q", "y", "z"),
+        label("q", "z", "x"),
+        # r: a tie was dropped, so u took part in one pair only: u 1/1, v 1/2, w 0/1.
+        label("r", "u", "v"),
+        label("r", "v", "w"),
+    ]
+    assert rank_by_wins(labels) == [
+        RankingExample("p", ("a", "b", "c"), (1.0, 0.0, 0.5)),
+        RankingExample("r", ("u", "v", "w"), (1.0, 0.5, 0.0)),
+    ]
+
+
+def test_collect_writes_rankings_that_the_reward_stage_trains_on(tmp_path):
+    run("--output_dir", str(tmp_path), "--stages", "collect,reward", "--collect.format", "rankings")
+    rankings = read_preferences(tmp_path / "collect" / "train.jsonl")
+    held_out = read_preferences(tmp_path / "collect" / "val.jsonl")
+    assert rankings and all(isinstance(r, RankingExample) for r in rankings + held_out)
+    # One row per prompt, 3 samples each; the held-out prompts (2 of 8) apart from the training ones.
+    assert len({r.prompt for r in rankings}) == len(rankings) <= 6 and len(held_out) <= 2
+    assert {r.prompt for r in rankings}.isdisjoint({r.prompt for r in held_out})
+    assert all(len(r.responses) == 3 and len(set(r.scores)) > 1 for r in rankings)
+    collect = json.loads((tmp_path / "stages" / "collect.json").read_text())["summary"]
+    reward = json.loads((tmp_path / "stages" / "reward.json").read_text())["summary"]
+    assert collect["format"] == "rankings" and collect["train_rankings"] == reward["train_rankings"] == len(rankings)
+    assert collect["train_pairs"] == reward["train_pairs"] == sum(len(r.pairs) for r in rankings)
+    assert reward["ranking_loss"] == "pairwise" and 0.0 <= reward["val_accuracy"] <= 1.0
+    # The pair labels stay in annotations.jsonl: 3 per prompt.
+    assert len((tmp_path / "collect" / "annotations.jsonl").read_text().splitlines()) == 24
