@@ -30,6 +30,7 @@ from lit_rlhf.pipeline.rl import list_snapshots, snapshot_iteration
 from lit_rlhf.rl import PolicyGenerator, Samples
 from lit_rlhf.rl.best_of_n import best_of_n_kl, sample_best_of_n
 from lit_rlhf.rl.kl import kl_k1
+from lit_rlhf.rl.scoring import RewardFn
 
 INITIAL = "initial"
 ELO_PRIOR_DRAWS = 1.0
@@ -130,11 +131,12 @@ def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
             gold[name] = torch.tensor([r["gold_reward"] for r in rows])
             samples += rows
         weights.load(None)  # best-of-n samples the initial policy
+        candidates = ec.batch_size * ec.samples_per_prompt  # rows per generation: as many as a checkpoint's batch
         for n in ec.best_of_n:
             torch.manual_seed(config.seed)
             rows = []
             for batch in loader:
-                rows += _score_best_of_n(policy, batch, reward, gold_judge, n, ec.samples_per_prompt, ec.batch_size)
+                rows += _score_best_of_n(policy, batch, reward, gold_judge, n, ec.samples_per_prompt, candidates)
                 bar.update(1)
             gold[best_of_n_name(n)] = torch.tensor([r["gold_reward"] for r in rows])
             samples += rows
@@ -205,7 +207,7 @@ def _score_batch(
 def _score_best_of_n(
     policy: PolicyGenerator,
     batch: dict[str, Any],
-    reward: Any,
+    reward: RewardFn,
     gold_judge: Any,
     n: int,
     samples_per_prompt: int,
@@ -213,7 +215,7 @@ def _score_best_of_n(
 ) -> list[dict[str, Any]]:
     """``samples_per_prompt`` best-of-n samples per prompt of one batch, each the best of ``n`` fresh candidates by
     ``reward``, measured as ``_score_batch`` measures a sample; their KL is the analytic ``best_of_n_kl(n)``.
-    Candidates are sampled about ``rows_per_generation`` at a time (a checkpoint's batch), not n times as many."""
+    Candidates are sampled about ``rows_per_generation`` at a time, not n times as many rows as a checkpoint's."""
     k = samples_per_prompt
     prompts = [p for p in batch["prompt"] for _ in range(k)]
     prompt_ids, prompt_mask = (
