@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_rlhf.finetuning import export_pretrained
+from lit_rlhf.finetuning import export_module
 from lit_rlhf.reporting import markdown_table
 
 __all__ = ["HFExportCallback", "MetricsHistory", "SampleTable"]
@@ -52,21 +52,31 @@ class HFExportCallback(pl.Callback):
 
     Checkpoints go to ``dirpath/step-{n}`` after every ``every_n_steps`` logged steps (``logged_step``: an RL
     iteration, an optimizer step in the supervised stages; ``n`` counts the steps done), and to
-    ``dirpath/final`` at the end of fit; each loads with ``AutoModelFor*.from_pretrained``. Only global rank 0
-    writes. Under FSDP, ``export_model`` must return a model whose parameters are gathered (not sharded).
+    ``dirpath/final`` at the end of fit; each loads with ``AutoModelFor*.from_pretrained``. A module with a critic
+    (``export_critic()`` returns a model: ``RLHFModule`` with a ``value_model``) gets it in each folder's
+    ``critic/`` subfolder, a one-label ``AutoModelForTokenClassification``. Only global rank 0 writes. Under FSDP,
+    ``export_model`` must return a model whose parameters are gathered (not sharded).
 
     Args:
         dirpath: Output folder; default ``<log_dir>/hf``.
         every_n_steps: Export every this many logged steps; None to export only at the end.
         on_train_end: Export ``final`` when fit ends.
+        critic: Export the module's critic too, when it has one.
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_steps: int | None = None, on_train_end: bool = True) -> None:
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_steps: int | None = None,
+        on_train_end: bool = True,
+        critic: bool = True,
+    ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"HFExportCallback(every_n_steps={every_n_steps}): use a positive number or None.")
         self.dirpath = dirpath
         self.every_n_steps = every_n_steps
         self.export_on_train_end = on_train_end
+        self.critic = critic
         self.exported: list[Path] = []
         self._last_step: int | None = None
 
@@ -84,12 +94,12 @@ class HFExportCallback(pl.Callback):
             )
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path | None:
-        """Export now to ``dirpath/name``; returns the folder on rank 0, None elsewhere."""
+        """Export now to ``dirpath/name`` (and the critic to ``dirpath/name/critic``); returns the folder on rank 0,
+        None elsewhere."""
         if not trainer.is_global_zero:
             return None
-        model, tokenizer = pl_module.export_model()
         folder = (Path(self.dirpath) if self.dirpath else _output_dir(trainer, None) / "hf") / name
-        path = export_pretrained(model, tokenizer, folder)
+        path = export_module(pl_module, folder, critic=self.critic)
         self.exported.append(path)
         return path
 

@@ -17,7 +17,11 @@ STAGE_CLIS: dict[str, tuple[str, str, str]] = {
     "reward": ("lit_rlhf.reward:RewardModelModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.backbone"),
     "rl": ("lit_rlhf.rl.module:RLHFModule", "lit_rlhf.data.prompts:PromptDataModule", "model.policy"),
 }
-OTHER_COMMANDS = {"pipeline": "lit_rlhf.pipeline:main", "export": "lit_rlhf.cli:export_main"}
+OTHER_COMMANDS = {
+    "pipeline": "lit_rlhf.pipeline:main",
+    "export": "lit_rlhf.cli:export_main",
+    "best-of-n": "lit_rlhf.cli:best_of_n_main",
+}
 
 USAGE = """usage: lit-rlhf STAGE SUBCOMMAND [--config FILE] [options]
 
@@ -28,8 +32,10 @@ stages (LightningCLI; SUBCOMMAND is fit, validate, test or predict):
 other commands:
   pipeline   collect -> reward model -> RL -> evaluate -> report
              lit-rlhf pipeline --config recipes/pipeline/demo.yaml
-  export     a Lightning checkpoint of a stage -> plain transformers folder (LoRA merged)
+  export     a Lightning checkpoint of a stage -> plain transformers folder (LoRA merged; an RL critic in critic/)
              lit-rlhf export rl outputs/rl/ppo_fsdp_8gpu/.../last.ckpt outputs/rl/ppo_fsdp_8gpu/hf
+  best-of-n  n samples per prompt, the one the reward scores highest kept -> JSON lines
+             lit-rlhf best-of-n --policy tiny-llama --reward lit_rlhf.rewards.LengthReward --n 8 --output bon.jsonl
 
 `lit-rlhf STAGE --help` lists every option; `--print_config` prints the full configuration.
 """
@@ -87,6 +93,25 @@ def export_main(argv: list[str]) -> None:
         )
     module = _load(STAGE_CLIS[args.stage][0]).load_from_checkpoint(checkpoint, map_location="cpu")
     print(module.export(args.output))
+
+
+def best_of_n_main(argv: list[str]) -> None:
+    """``lit-rlhf best-of-n --policy P --reward R --prompts FILE --n 8 --output FILE``: the arguments of
+    ``lit_rlhf.rl.best_of_n.run_best_of_n``, from the command line or a ``--config`` YAML (``--print_config``)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lit_rlhf.rl.best_of_n import run_best_of_n
+
+    parser = ArgumentParser(prog="lit-rlhf best-of-n", description=run_best_of_n.__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
+    parser.add_function_arguments(run_best_of_n, fail_untyped=True)
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    summary = run_best_of_n(**{key: value for key, value in vars(init).items() if key not in ("config", "__path__")})
+    print(
+        f"lit-rlhf best-of-n: {summary['prompts']} prompts × {summary['n']} candidates -> {summary['output']}; mean "
+        f"score of the kept completions {summary['mean_best_score']:.4g} (of all candidates "
+        f"{summary['mean_candidate_score']:.4g}); KL to the policy log n − (n − 1)/n = {summary['kl']:.4f} nats"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

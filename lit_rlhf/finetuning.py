@@ -118,15 +118,20 @@ def check_finetuning_arguments(arguments: Mapping[str, Any], prefix: str = "mode
 
 
 class Exportable:
-    """``export(path)`` for a LightningModule: its ``export_model()`` saved as a plain transformers checkpoint."""
+    """``export(path)`` for a LightningModule: its ``export_model()`` saved as a plain transformers checkpoint, and
+    its ``export_critic()``, when it has one, beside it in ``critic/``."""
 
     def export_model(self) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
         """The model and tokenizer to save in plain transformers format (see ``HFExportCallback``)."""
         raise NotImplementedError
 
+    def export_critic(self) -> nn.Module | None:
+        """A critic to save with the model, in its ``critic/`` subfolder and with its tokenizer; None: no critic."""
+        return None
+
     def export(self, path: str | Path) -> Path:
         """Save a folder that the matching transformers Auto class loads with ``from_pretrained`` (LoRA merged)."""
-        return export_pretrained(*self.export_model(), path)
+        return export_module(self, path)
 
 
 class FineTuningModule(Exportable, L.LightningModule):
@@ -227,23 +232,79 @@ def _full_precision_copy(model) -> nn.Module:
     return clone
 
 
+def plain_copy(model: nn.Module) -> nn.Module:
+    """``model`` as plain transformers saves it: a LoRA model merged into a copy (a QLoRA model into its base re-read
+    in full precision, see ``_full_precision_copy``), any other model itself. A quantised model without LoRA has
+    nothing trained and is refused."""
+    from peft import PeftModel
+
+    if is_quantised(model):
+        if not isinstance(model, PeftModel):
+            raise ValueError("export_pretrained: a quantised model without LoRA is frozen; export its source instead.")
+        return _full_precision_copy(model).merge_and_unload()
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
 def export_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, path: str | Path) -> Path:
     """Save a checkpoint that loads with plain ``transformers`` ``from_pretrained`` (LoRA merged into a copy).
 
     A LoRA model on a quantised base (QLoRA) is merged into its base re-read in full precision, so the export is a
     plain float checkpoint. A quantised model without LoRA has nothing trained and cannot be exported.
     """
-    from peft import PeftModel
-
     path = Path(path)
-    if is_quantised(model):
-        if not isinstance(model, PeftModel):
-            raise ValueError("export_pretrained: a quantised model without LoRA is frozen; export its source instead.")
-        model = _full_precision_copy(model).merge_and_unload()
-    elif isinstance(model, PeftModel):
-        model = copy.deepcopy(model).merge_and_unload()
+    model = plain_copy(model)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+CRITIC_FOLDER = "critic"
+"""The subfolder of an exported model that holds its critic (``Exportable.export_critic``)."""
+
+
+def export_module(module: Any, path: str | Path, critic: bool = True) -> Path:
+    """Save ``module.export_model()`` to ``path`` with ``export_pretrained`` and, with ``critic``, the module's
+    ``export_critic()`` (when it has one) to ``path/critic`` with the same tokenizer; returns ``path``."""
+    model, tokenizer = module.export_model()
+    path = export_pretrained(model, tokenizer, path)
+    critic_model = module.export_critic() if critic and callable(getattr(module, "export_critic", None)) else None
+    if critic_model is not None:
+        export_pretrained(critic_model, tokenizer, path / CRITIC_FOLDER)
+    return path
+
+
+def token_classifier(trunk: nn.Module, head: nn.Linear) -> nn.Module:
+    """A plain transformers token classifier with one label: ``trunk``'s weights (a bare transformer such as
+    ``LlamaModel``, LoRA merged into a copy) under a score layer holding ``head``'s weight and bias.
+
+    Once saved, ``AutoModelForTokenClassification.from_pretrained`` loads it and its logits (B, T, 1) are ``head``
+    applied to every position's last hidden state: the values of a critic built as trunk + scalar head. (A sequence
+    classifier could not hold it: decoder sequence classifiers such as Llama's have a score layer without a bias.)
+    Its classifier dropout is 0, as the critic trained without dropout.
+    """
+    from transformers import AutoModelForTokenClassification
+
+    trunk = plain_copy(trunk)
+    config = copy.deepcopy(trunk.config)
+    config.num_labels = 1
+    config.classifier_dropout = 0.0
+    config.architectures = None  # save_pretrained writes the classifier's
+    model = AutoModelForTokenClassification.from_config(config, dtype=trunk.dtype)
+    missing, _ = model.base_model.load_state_dict(trunk.state_dict(), strict=False)
+    if missing:
+        raise ValueError(
+            f"token_classifier: {type(trunk).__name__} has no weights for {len(missing)} of the trunk parameters of "
+            f"{type(model).__name__} (first: {missing[:3]}); pass the bare transformer (AutoModel) of its architecture."
+        )
+    scores = [child for child in model.children() if isinstance(child, nn.Linear) and child.out_features == 1]
+    if len(scores) != 1 or (head.bias is not None and scores[0].bias is None):
+        raise ValueError(f"token_classifier: {type(model).__name__} has no one-label score layer with a bias.")
+    with torch.no_grad():
+        scores[0].weight.copy_(head.weight)
+        if scores[0].bias is not None:
+            scores[0].bias.copy_(head.bias if head.bias is not None else torch.zeros_like(scores[0].bias))
+    return model.eval()

@@ -121,11 +121,14 @@ def plot_gold_vs_proxy(
     x_label: str | None = None,
     sqrt_x: bool = False,
     title: str | None = "Gold vs proxy reward",
+    baselines: Sequence[Mapping[str, Any]] = (),
+    baseline_label: str = "baseline",
 ) -> Path:
     """Gold and proxy reward per checkpoint on twin y axes, the over-optimisation picture of Gao et al. (2022).
 
     The proxy (learned reward model) keeps rising as the policy moves away from the reference while the gold score
-    flattens or falls; the two are in different units, hence two y axes (gold left, proxy right).
+    flattens or falls; the two are in different units, hence two y axes (gold left, proxy right). ``baselines`` (e.g.
+    best-of-n at its analytic KL) are drawn as their own dotted series on the same axes.
 
     Args:
         rows: One mapping per checkpoint with the ``x``, ``gold`` and ``proxy`` fields (and ``label``).
@@ -137,34 +140,56 @@ def plot_gold_vs_proxy(
         x_label: Axis label; defaults to ``KL(π ‖ π_ref)`` for ``kl`` and to the field name otherwise.
         sqrt_x: Plot √x: Gao et al. use d = √KL as the distance from the initial policy.
         title: Figure title.
+        baselines: Rows with the same fields for points that are not checkpoints of the run (best-of-n).
+        baseline_label: What the legend calls the ``baselines`` series.
 
     Returns:
         The PNG path.
     """
     if not rows:
         raise ValueError("plot_gold_vs_proxy: no checkpoint rows.")
-    for i, row in enumerate(rows):
+    for i, row in enumerate([*rows, *baselines]):
         missing = [k for k in (x, gold, proxy) if not _is_number(row.get(k))]
         if missing:
             raise ValueError(f"plot_gold_vs_proxy: row {i} ({row.get(label, '?')}) lacks numeric field(s) {missing}.")
-    rows = sorted(rows, key=lambda r: r[x])
-    xs = [math.sqrt(max(r[x], 0.0)) if sqrt_x else r[x] for r in rows]
     plt = _pyplot()
     fig, ax_gold = plt.subplots(figsize=(6.4, 4.2))
     ax_proxy = ax_gold.twinx()
     gold_color, proxy_color = "tab:green", "tab:purple"
-    ax_gold.plot(xs, [r[gold] for r in rows], color=gold_color, marker="o", label="gold (judge)")
-    ax_proxy.plot(xs, [r[proxy] for r in rows], color=proxy_color, marker="s", linestyle="--", label="proxy (RM)")
+    series = [(rows, "", "-", "--", "o", "s")]
+    if baselines:
+        series.append((baselines, f", {baseline_label}", ":", ":", "^", "v"))
+    for group, suffix, gold_style, proxy_style, gold_marker, proxy_marker in series:
+        group = sorted(group, key=lambda r: r[x])
+        xs = [math.sqrt(max(r[x], 0.0)) if sqrt_x else r[x] for r in group]
+        ax_gold.plot(
+            xs,
+            [r[gold] for r in group],
+            color=gold_color,
+            marker=gold_marker,
+            linestyle=gold_style,
+            label=f"gold (judge){suffix}",
+        )
+        ax_proxy.plot(
+            xs,
+            [r[proxy] for r in group],
+            color=proxy_color,
+            marker=proxy_marker,
+            linestyle=proxy_style,
+            label=f"proxy (RM){suffix}",
+        )
+        if label:
+            for xv, r in zip(xs, group, strict=True):
+                if label in r:
+                    ax_gold.annotate(
+                        str(r[label]), (xv, r[gold]), textcoords="offset points", xytext=(4, 6), fontsize=8
+                    )
     ax_gold.set_ylabel("gold reward (judge)", color=gold_color)
     ax_proxy.set_ylabel("proxy reward (reward model)", color=proxy_color)
     ax_gold.tick_params(axis="y", colors=gold_color)
     ax_proxy.tick_params(axis="y", colors=proxy_color)
     default = "KL(π ‖ π_ref) (nats)" if x == "kl" else x
     ax_gold.set_xlabel(x_label or (f"√{default}" if sqrt_x else default))
-    if label:
-        for xv, r in zip(xs, rows, strict=True):
-            if label in r:
-                ax_gold.annotate(str(r[label]), (xv, r[gold]), textcoords="offset points", xytext=(4, 6), fontsize=8)
     handles = ax_gold.get_legend_handles_labels()[0] + ax_proxy.get_legend_handles_labels()[0]
     # below the axes: inside, it would cover points of one of the two series
     ax_gold.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)

@@ -167,6 +167,33 @@ def test_hf_export_callback_saves_loadable_checkpoints(tmp_path, tiny_llama_path
     assert AutoTokenizer.from_pretrained(tmp_path / "hf" / "final").eos_token == "<|im_end|>"
 
 
+class TinyPolicyWithCritic(TinyPolicy):
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.head = torch.nn.Linear(self.policy.config.hidden_size, 1)
+
+    def export_critic(self):
+        from lit_rlhf.finetuning import token_classifier
+
+        return token_classifier(self.policy.model, self.head)
+
+
+@pytest.mark.parametrize("critic", [True, False])
+def test_hf_export_callback_saves_the_critic_in_the_models_folder(critic, tmp_path, tiny_llama_path):
+    from transformers import AutoModelForTokenClassification
+
+    module = TinyPolicyWithCritic(tiny_llama_path)
+    export = HFExportCallback(dirpath=str(tmp_path / "hf"), critic=critic)
+    trainer(tmp_path, [export], max_steps=1, limit_val_batches=0).fit(module)
+    folder = tmp_path / "hf" / "final" / "critic"
+    assert folder.exists() == critic
+    if critic:
+        exported = AutoModelForTokenClassification.from_pretrained(folder)
+        assert torch.equal(exported.score.weight, module.head.weight)
+        assert torch.equal(exported.score.bias, module.head.bias)
+        assert torch.equal(exported.model.norm.weight, module.policy.model.norm.weight)
+
+
 def test_hf_export_callback_requires_the_hook(tmp_path):
     with pytest.raises(TypeError, match="RLLike.export_model"):
         trainer(tmp_path, [HFExportCallback(dirpath=str(tmp_path))], max_steps=1).fit(RLLike())

@@ -1,4 +1,5 @@
-"""What the training stages share (``lit_rlhf.finetuning``): the default fused AdamW takes torch's step."""
+"""What the training stages share (``lit_rlhf.finetuning``): the default fused AdamW takes torch's step; a trunk and
+a scalar head become a transformers token classifier."""
 
 import pytest
 import torch
@@ -60,3 +61,18 @@ def test_an_absurd_learning_rate_stops_the_run_before_a_checkpoint_holds_bad_wei
     with pytest.raises(FloatingPointError, match="no longer finite .*lower model.learning_rate"):
         trainer.fit(module, data)
     assert not list(tmp_path.glob("*.ckpt"))  # the step that broke the weights saved nothing
+
+
+def test_token_classifier_holds_the_trunk_and_the_head_and_refuses_a_model_that_is_not_a_trunk():
+    from lit_rlhf.finetuning import token_classifier
+    from lit_rlhf.models import load_causal_lm
+
+    lm = load_causal_lm("tiny-llama")
+    head = torch.nn.Linear(lm.config.hidden_size, 1)
+    classifier = token_classifier(lm.model, head)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = head(lm.model(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(classifier(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match="pass the bare transformer"):
+        token_classifier(lm, head)  # the causal LM's weights sit under model.*, not where a trunk's go

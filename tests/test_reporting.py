@@ -55,6 +55,12 @@ def test_plot_gold_vs_proxy(tmp_path):
     assert_png(plot_gold_vs_proxy(rows, tmp_path / "gold_vs_proxy.png", sqrt_x=True))
     with pytest.raises(ValueError, match="row 0 \\(initial\\) lacks numeric field\\(s\\) \\['kl'\\]"):
         plot_gold_vs_proxy([{"checkpoint": "initial", "gold_reward": 0.1, "proxy_reward": 0.0}], tmp_path / "x.png")
+    baselines = [{"checkpoint": "best-of-4", "kl": 0.64, "gold_reward": 0.35, "proxy_reward": 1.2}]
+    with_baselines = plot_gold_vs_proxy(rows, tmp_path / "with_baselines.png", baselines=baselines)
+    assert_png(with_baselines)
+    assert with_baselines.read_bytes() != plot_gold_vs_proxy(rows, tmp_path / "without.png").read_bytes()
+    with pytest.raises(ValueError, match="row 3 \\(best-of-2\\) lacks"):
+        plot_gold_vs_proxy(rows, tmp_path / "x.png", baselines=[{"checkpoint": "best-of-2", "kl": 0.19}])
 
 
 def test_write_report_assembles_sections(tmp_path):

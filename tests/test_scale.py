@@ -139,6 +139,12 @@ def test_qlora_rl_reference_is_the_quantised_base_with_the_adapter_off(tmp_path)
     assert second["objective/kl"] != 0.0 and all(map(torch.isfinite, map(torch.tensor, second.values())))
     plain = AutoModelForCausalLM.from_pretrained(module.export(tmp_path / "policy"))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
+    # A2C's separate critic has a QLoRA trunk too: it exports merged into its full-precision base
+    from transformers import AutoModelForTokenClassification
+
+    critic = AutoModelForTokenClassification.from_pretrained(tmp_path / "policy" / "critic")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in critic.modules())
+    assert torch.equal(critic.score.bias, module.models.value_model.head.bias.detach().cpu())
 
 
 def test_rl_reference_can_be_loaded_quantised_without_lora():

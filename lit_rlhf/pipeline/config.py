@@ -127,6 +127,11 @@ class EvaluateConfig:
     """Prompts per generation batch."""
     gold_judge: Judge | None = None
     """The gold judge (true preference) for gold reward, win rate and Elo; None uses the annotator's judge."""
+    best_of_n: list[int] = field(default_factory=list)
+    """Also evaluate best-of-n of the initial policy against the reward model as baselines, one per n here (e.g.
+    ``[4, 16]``): each of the ``samples_per_prompt`` samples is the best of n fresh candidates, judged by the gold
+    judge like every checkpoint, at the analytic KL log n − (n − 1)/n. Each n costs about n times the initial
+    policy's sampling and reward scoring; empty: none."""
 
 
 @dataclass
@@ -283,6 +288,9 @@ def validate(config: PipelineConfig) -> None:
     ):
         if value < low:
             raise ValueError(f"{key} must be >= {low}, got {value}.")
+    best_of_n = config.evaluate.best_of_n
+    if any(n < 1 for n in best_of_n) or len(set(best_of_n)) < len(best_of_n):
+        raise ValueError(f"evaluate.best_of_n must hold distinct n >= 1, got {best_of_n}.")
     if not 0.0 <= config.collect.val_fraction < 1.0:
         raise ValueError(f"collect.val_fraction must be in [0, 1), got {config.collect.val_fraction}.")
     if config.rl.model.get("ptx_coef", 0.0) > 0 and config.rl.ptx_path is None:

@@ -1,5 +1,6 @@
 """Stage 4: sample the initial policy, every RL snapshot and the final policy on held-out prompts and score them:
-gold and proxy reward, KL and perplexity against the reference, diversity, length, win rate and Elo."""
+gold and proxy reward, KL and perplexity against the reference, diversity, length, win rate and Elo; optionally
+best-of-n of the initial policy against the reward model as baselines, measured the same way."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from lit_rlhf.pipeline.common import (
 )
 from lit_rlhf.pipeline.config import PipelineConfig
 from lit_rlhf.pipeline.rl import list_snapshots, snapshot_iteration
-from lit_rlhf.rl import PolicyGenerator
+from lit_rlhf.rl import PolicyGenerator, Samples
+from lit_rlhf.rl.best_of_n import best_of_n_kl, sample_best_of_n
 from lit_rlhf.rl.kl import kl_k1
+from lit_rlhf.rl.scoring import RewardFn
 
 INITIAL = "initial"
 ELO_PRIOR_DRAWS = 1.0
@@ -85,8 +88,14 @@ def _full_state(folder: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
+def best_of_n_name(n: int) -> str:
+    """How results, samples and the report name the best-of-n baseline."""
+    return f"best-of-{n}"
+
+
 def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Write ``evaluate/results.json`` (one row per checkpoint, win rate, Elo) and ``evaluate/samples.jsonl``."""
+    """Write ``evaluate/results.json`` (one row per checkpoint, and per best-of-n baseline under ``best_of_n``; win
+    rate, Elo) and ``evaluate/samples.jsonl``."""
     ec = config.evaluate
     snapshots = list_snapshots(paths.snapshots)
     if not snapshots:
@@ -106,7 +115,7 @@ def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     gold: dict[str, torch.Tensor] = {}
     bar = tqdm(
-        total=len(checkpoints) * len(loader),
+        total=(len(checkpoints) + len(ec.best_of_n)) * len(loader),
         desc="evaluate: sample and score",
         unit="batch",
         disable=not config.progress_bar,
@@ -121,24 +130,39 @@ def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
                 bar.update(1)
             gold[name] = torch.tensor([r["gold_reward"] for r in rows])
             samples += rows
+        weights.load(None)  # best-of-n samples the initial policy
+        candidates = ec.batch_size * ec.samples_per_prompt  # rows per generation: as many as a checkpoint's batch
+        for n in ec.best_of_n:
+            torch.manual_seed(config.seed)
+            rows = []
+            for batch in loader:
+                rows += _score_best_of_n(policy, batch, reward, gold_judge, n, ec.samples_per_prompt, candidates)
+                bar.update(1)
+            gold[best_of_n_name(n)] = torch.tensor([r["gold_reward"] for r in rows])
+            samples += rows
 
-    by_checkpoint = {name: [s for s in samples if s["checkpoint"] == name] for name, _, _ in checkpoints}
+    by_checkpoint: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        by_checkpoint.setdefault(sample["checkpoint"], []).append(sample)
     elo = elo_ratings(elo_matches(gold), prior_draws=ELO_PRIOR_DRAWS, anchor=INITIAL) if len(gold) > 1 else {}
-    table = []
-    for name, iteration, _ in checkpoints:
-        row = summarise(by_checkpoint[name])
+
+    def summary_row(name: str, iteration: int) -> dict[str, Any]:
         win = WinRate()
         win.update(gold[name], gold[INITIAL])
-        row.update(
-            checkpoint=name,
-            iteration=iteration,
-            win_rate_vs_initial=finite_or_none(float(win.compute())),
-            elo=round(elo[name]) if name in elo else None,
-        )
-        table.append(row)
+        return {
+            **summarise(by_checkpoint[name]),
+            "checkpoint": name,
+            "iteration": iteration,
+            "win_rate_vs_initial": finite_or_none(float(win.compute())),
+            "elo": round(elo[name]) if name in elo else None,
+        }
+
+    table = [summary_row(name, iteration) for name, iteration, _ in checkpoints]
+    best_of_n = [{**summary_row(best_of_n_name(n), 0), "n": n} for n in ec.best_of_n]
     final_vs_initial = outcomes(gold[final], gold[INITIAL])
     results = {
         "checkpoints": table,
+        "best_of_n": best_of_n,
         "final": final,
         "win_rate": float(final_vs_initial.mean()),
         "wins": int((final_vs_initial == 1).sum()),
@@ -159,6 +183,7 @@ def run_evaluate(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         "initial_gold_reward": table[0]["gold_reward"],
         "checkpoints": len(table),
         "samples_per_checkpoint": len(by_checkpoint[final]),
+        "best_of_n_gold_reward": {row["checkpoint"]: row["gold_reward"] for row in best_of_n},
     }
 
 
@@ -168,21 +193,69 @@ def _score_batch(
 ) -> list[dict[str, Any]]:
     """Sample one batch of prompts (``samples_per_prompt`` each) and measure every sample."""
     rollout = policy.rollout(batch)
-    samples = rollout.samples
-    mask = samples.response_mask
+    mask = rollout.samples.response_mask
     # k1 over the response, zero after the stop: log π(y|x) − log π_ref(y|x)
     kl = (kl_k1(rollout.outputs.logprobs, rollout.ref_logprobs) * mask).sum(-1)
-    perplexity = sequence_perplexity(rollout.ref_logprobs, mask)
+    measured = _measure(rollout.samples, rollout.raw_scores, kl, rollout.ref_logprobs, gold_judge)
+    return [
+        {"checkpoint": name, "iteration": iteration, "sample": i % samples_per_prompt, **row}
+        for i, row in enumerate(measured)
+    ]
+
+
+@torch.no_grad()
+def _score_best_of_n(
+    policy: PolicyGenerator,
+    batch: dict[str, Any],
+    reward: RewardFn,
+    gold_judge: Any,
+    n: int,
+    samples_per_prompt: int,
+    rows_per_generation: int,
+) -> list[dict[str, Any]]:
+    """``samples_per_prompt`` best-of-n samples per prompt of one batch, each the best of ``n`` fresh candidates by
+    ``reward``, measured as ``_score_batch`` measures a sample; their KL is the analytic ``best_of_n_kl(n)``.
+    Candidates are sampled about ``rows_per_generation`` at a time, not n times as many rows as a checkpoint's."""
+    k = samples_per_prompt
+    prompts = [p for p in batch["prompt"] for _ in range(k)]
+    prompt_ids, prompt_mask = (
+        batch["input_ids"].repeat_interleave(k, 0),
+        batch["attention_mask"].repeat_interleave(k, 0),
+    )
+    step = max(1, rows_per_generation // n)
+    temperature, banned = policy.options.logprob_temperature, policy.banned()
+    measured = []
+    for start in range(0, len(prompts), step):
+        part = slice(start, start + step)
+        samples, scores, best = sample_best_of_n(policy, prompts[part], prompt_ids[part], prompt_mask[part], n, reward)
+        kept = samples.select(best)
+        length = kept.prompt_ids.shape[1]
+        ref_logprobs = policy.models.reference_logprobs(
+            kept.sequences, kept.attention_mask, length, temperature, banned
+        )
+        kl = torch.full((len(kept.completions),), best_of_n_kl(n))
+        measured += _measure(kept, scores[best], kl, ref_logprobs, gold_judge)
+    name = best_of_n_name(n)
+    return [{"checkpoint": name, "iteration": 0, "sample": i % k, **row} for i, row in enumerate(measured)]
+
+
+def _measure(
+    samples: Samples, proxy: torch.Tensor, kl: torch.Tensor, ref_logprobs: torch.Tensor, gold_judge: Any
+) -> list[dict[str, Any]]:
+    """What evaluation records of each sample: its texts, gold and proxy reward, KL, perplexity under the reference
+    and length in tokens.
+
+    Shape: proxy (B,), kl (B,), ref_logprobs (B, T) -> B rows.
+    """
+    mask = samples.response_mask
     gold = judge_scores(gold_judge, samples.prompts, samples.completions)
+    perplexity = sequence_perplexity(ref_logprobs, mask)
     return [
         {
-            "checkpoint": name,
-            "iteration": iteration,
             "prompt": samples.prompts[i],
-            "sample": i % samples_per_prompt,
             "completion": samples.completions[i],
             "gold_reward": float(gold[i]),
-            "proxy_reward": float(rollout.raw_scores[i]),
+            "proxy_reward": float(proxy[i]),
             "kl": float(kl[i]),
             "ref_perplexity": finite_or_none(float(perplexity[i])),
             "length": int(mask[i].sum()),

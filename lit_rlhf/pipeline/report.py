@@ -45,6 +45,7 @@ def run_report(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     results = read_json(paths.results)
     table = results["checkpoints"]
     initial, final = table[0], table[-1]
+    best_of_n = results.get("best_of_n", [])
 
     history = [row for row in read_jsonl(paths.rl_metrics) if row.get("stage", "train") == "train"]
     curves = plot_curves(
@@ -60,6 +61,8 @@ def run_report(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         paths.plots / "gold_vs_proxy.png",
         x="kl",
         title="Gold vs proxy reward per checkpoint (held-out prompts)",
+        baselines=best_of_n,
+        baseline_label="best-of-n",
     )
     samples = read_jsonl(paths.eval_samples)
     before = [s for s in samples if s["checkpoint"] == initial["checkpoint"] and s["sample"] == 0]
@@ -161,8 +164,16 @@ def run_report(config: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
                 "initial = 1000, Bradley–Terry fit with one virtual draw each) from head-to-head gold-judge "
                 "comparisons of matched samples. When the proxy keeps rising while the gold reward stalls or falls "
                 "as KL grows, the policy is over-optimising the reward model (Gao et al., 2022)."
+                + (
+                    " Best-of-n rows: each sample is the one of n samples of the initial policy that the reward model "
+                    "scores highest (no training), judged the same way; their KL is the analytic log n − (n − 1)/n "
+                    "(Stiennon et al., 2020), an upper bound when samples repeat. They are the inference-time "
+                    "baseline, dotted in the plot."
+                    if best_of_n
+                    else ""
+                )
             ),
-            rows=table,
+            rows=table + best_of_n,
             columns=CHECKPOINT_COLUMNS,
             images=[gold_vs_proxy],
         ),

@@ -61,6 +61,12 @@ class Samples(PromptAndResponse):
     group: Tensor
     """(B,) long index of the prompt each row answers (rows of one prompt are adjacent and share it)."""
 
+    def select(self, index: Tensor) -> Samples:
+        """The rows ``index`` (shape (b,) long) of every field, texts included."""
+        return dataclasses.replace(
+            self, **{f.name: _select(getattr(self, f.name), index) for f in dataclasses.fields(self)}
+        )
+
 
 class PolicyOutputs(NamedTuple):
     """The policy's forward on a batch of sampled responses, shapes (b, T)."""

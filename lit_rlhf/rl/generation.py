@@ -32,6 +32,7 @@ from lit_rlhf.rl.policy import PolicyModels
 from lit_rlhf.rl.scoring import RewardFn, score
 
 if TYPE_CHECKING:
+    from lit_rlhf.data.rows import Prompt
     from lit_rlhf.rl.vllm import VLLMOptions
 
 
@@ -182,6 +183,24 @@ class PolicyGenerator:
         seconds["forward"] = time.perf_counter() - clock
         return Rollout(samples, raw, graph.detach(), ref_logprobs, seconds, graph if keep_graph else None)
 
+    def encode(
+        self,
+        prompts: Sequence[Prompt | str],
+        chat_template: bool = True,
+        system_prompt: str | None = None,
+        max_prompt_length: int = 256,
+    ) -> tuple[Tensor, Tensor]:
+        """Raw prompts (texts, or ``Prompt`` rows with their messages) encoded as ``PromptDataModule`` encodes them,
+        left-padded, on the policy's device.
+
+        Shape: N prompts -> ids (N, P) long, mask (N, P).
+        """
+        from lit_rlhf.data.encoding import encode_prompt, pad_left
+
+        ids = [encode_prompt(self.tokenizer, p, max_prompt_length, chat_template, system_prompt) for p in prompts]
+        prompt_ids, prompt_mask = pad_left(ids, self.tokenizer.pad_token_id)
+        return prompt_ids.to(self.device), prompt_mask.to(self.device)
+
     @torch.no_grad()
     def generate(
         self,
@@ -194,13 +213,9 @@ class PolicyGenerator:
     ) -> list[str]:
         """Completions for raw prompt texts, encoded as ``PromptDataModule`` does; ``num_samples`` completions per
         prompt, adjacent."""
-        from lit_rlhf.data.encoding import encode_prompt, pad_left
-
         completions: list[str] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            ids = [encode_prompt(self.tokenizer, p, max_prompt_length, chat_template, system_prompt) for p in chunk]
-            prompt_ids, prompt_mask = pad_left(ids, self.tokenizer.pad_token_id)
-            samples = self.samples(chunk, prompt_ids.to(self.device), prompt_mask.to(self.device), options)
-            completions += samples.completions
+            prompt_ids, prompt_mask = self.encode(chunk, chat_template, system_prompt, max_prompt_length)
+            completions += self.samples(chunk, prompt_ids, prompt_mask, options).completions
         return completions

@@ -14,7 +14,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lit_rlhf.finetuning import (
-    Exportable,
     SchedulerName,
     adamw,
     check_finite,
@@ -29,7 +28,7 @@ from lit_rlhf.rl.experience import Experience, PolicyOutputs
 from lit_rlhf.rl.generation import PolicyGenerator, make_sampler
 from lit_rlhf.rl.kl import FixedKL, KLController, KLEstimator, kl_estimate
 from lit_rlhf.rl.optimizers import PPO, PolicyOptimizer
-from lit_rlhf.rl.policy import PolicyModels
+from lit_rlhf.rl.policy import CriticExportable, PolicyModels
 from lit_rlhf.rl.scoring import RewardFn, RewardShaping, to_experience
 from lit_rlhf.rl.stats import DegenerationWarnings, iteration_metrics
 from lit_rlhf.rl.update import FINITE_ADVICE, run_update
@@ -45,7 +44,7 @@ from lit_rlhf.scale import (
 )
 
 
-class RLHFModule(Exportable, L.LightningModule):
+class RLHFModule(CriticExportable, L.LightningModule):
     """RL fine-tuning of a causal LM against a reward, with a KL penalty to the frozen initial model.
 
     Each ``training_step`` is one iteration on a batch of prompts (manual optimisation): sample responses (KV
@@ -347,5 +346,6 @@ class RLHFModule(Exportable, L.LightningModule):
         set_rng_state(state["rng"])
 
     def export_model(self) -> tuple[nn.Module, Any]:
-        """The policy and its tokenizer (used by ``export`` and ``lit_rlhf.callbacks.HFExportCallback``)."""
+        """The policy and its tokenizer (used by ``export`` and ``lit_rlhf.callbacks.HFExportCallback``); the critic,
+        if any, exports beside it (``CriticExportable``)."""
         return self.policy, self.tokenizer

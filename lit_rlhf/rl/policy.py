@@ -1,5 +1,5 @@
-"""The models of RL fine-tuning: building the policy, its frozen reference and the critic (``PolicyModels``), and
-the forwards that turn sampled responses into log-probs, entropy and values."""
+"""The models of RL fine-tuning: building the policy, its frozen reference and the critic (``PolicyModels``), the
+forwards that turn sampled responses into log-probs, entropy and values, and the critic's export."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lit_rlhf.finetuning import Exportable, plain_copy, token_classifier
 from lit_rlhf.freezing import check_trainable_layers
 from lit_rlhf.models import DType, LoraOptions, ScalarHead, load_causal_lm, require_lora_for_quantisation
 from lit_rlhf.rl.experience import PolicyOutputs
@@ -269,6 +270,17 @@ class PolicyModels(nn.Module):
         """The module whose parameters the value loss trains (head or separate model), or None."""
         return self.value_head if self.value_head is not None else self.value_model
 
+    def critic_classifier(self) -> nn.Module | None:
+        """The critic as a plain transformers token classifier with one label (``finetuning.token_classifier``;
+        LoRA merged into a copy), or None without a critic. Its logit at position i is the critic's value of the
+        state after token i, the value ``outputs`` gives the response token at i + 1. A shared critic's trunk is the
+        policy's: the classifier is then the policy's transformer under the value head, without the LM head."""
+        if self.value_head is not None:
+            return token_classifier(plain_copy(self.policy).base_model, self.value_head)
+        if self.value_model is not None:
+            return token_classifier(self.value_model.trunk, self.value_model.head)
+        return None
+
     def parameter_groups(self, learning_rate: float, value_learning_rate: float | None = None) -> list[dict]:
         """The optimizer's parameter groups: the policy's trainable weights at ``learning_rate``, then the critic's
         at ``value_learning_rate`` (None: ``learning_rate``)."""
@@ -348,3 +360,13 @@ class PolicyModels(nn.Module):
             raise RuntimeError("These PolicyModels were loaded without a reference (reference=False).")
         response = sequences[:, prompt_length:]
         return logprobs_from_logits(restrict(logits, temperature, banned, response), response)
+
+
+class CriticExportable(Exportable):
+    """``Exportable`` for a module whose ``models`` are ``PolicyModels``: its critic, when it has one, exports
+    beside the model in ``critic/`` (``PolicyModels.critic_classifier``)."""
+
+    models: PolicyModels
+
+    def export_critic(self) -> nn.Module | None:
+        return self.models.critic_classifier()

@@ -77,6 +77,8 @@ def test_the_stage_trainer_options_are_typed_with_the_pipelines_defaults(tmp_pat
         (["--rl.policy", "smollm2-135m-instruct"], "rl.policy (smollm2-135m-instruct) is not the pipeline's policy"),
         (["--collect.generation.num_samples", "1"], "collect.generation.num_samples must be >= 2"),
         (["--rl.trainer.accelerator", "gpu"], "rl.trainer:"),
+        (["--evaluate.best_of_n", "[4, 0]"], "evaluate.best_of_n must hold distinct n >= 1, got [4, 0]"),
+        (["--evaluate.best_of_n", "[4, 4]"], "evaluate.best_of_n must hold distinct n >= 1, got [4, 4]"),
     ],
 )
 def test_a_bad_setting_stops_the_pipeline_before_any_stage_runs(args, message, tmp_path, capsys):

@@ -87,10 +87,20 @@ def test_tiny_pipeline_writes_report_plots_and_numbers(tiny_run):
         for key in ("gold_reward", "proxy_reward", "kl", "ref_perplexity", "distinct_1", "distinct_2", "length"):
             assert math.isfinite(row[key]), (row["checkpoint"], key)
     assert results["checkpoints"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the initial policy is the reference
+    # The best-of-2 baseline (evaluate.best_of_n in the recipe): a row measured like the checkpoints, at the analytic
+    # KL log 2 - 1/2, with as many samples (matched by prompt and sample index, so it has a win rate and an Elo).
+    [best_of_2] = results["best_of_n"]
+    assert (best_of_2["checkpoint"], best_of_2["n"]) == ("best-of-2", 2)
+    assert best_of_2["kl"] == pytest.approx(math.log(2) - 0.5)
+    assert all(math.isfinite(best_of_2[k]) for k in ("gold_reward", "proxy_reward", "win_rate_vs_initial", "elo"))
+    samples = [json.loads(line) for line in (tiny_run / "evaluate" / "samples.jsonl").read_text().splitlines()]
+    assert [s["sample"] for s in samples if s["checkpoint"] == "best-of-2"] == [0, 1] * 4
+    assert re.search(r"^\| best-of-2 \|", report, re.MULTILINE)
 
     history = [json.loads(line) for line in (tiny_run / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in history] == [0, 1]
     assert (tiny_run / "rl" / "hf" / "final" / "config.json").exists()
+    assert (tiny_run / "rl" / "hf" / "final" / "critic" / "config.json").exists()  # rl.value_model: shared
     assert (tiny_run / "reward" / "model" / "config.json").exists()
     assert (tiny_run / "config.yaml").read_text().startswith("name: tiny")
 

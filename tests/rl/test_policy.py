@@ -1,13 +1,15 @@
 """The policy's forwards (``lit_rlhf.rl.policy``): log-probs and entropy on hand-worked numbers, positions
-under left padding, the float32 LM head under autocast, the critic choices, and log-probs that match sampling."""
+under left padding, the float32 LM head under autocast, the critic choices and their export, and log-probs that match
+sampling."""
 
 import math
 
 import pytest
 import torch
 
+from lit_rlhf.models import LoraOptions, load_causal_lm
 from lit_rlhf.rewards import LengthReward
-from lit_rlhf.rl import GenerationOptions
+from lit_rlhf.rl import PPO, RLOO, GenerationOptions
 from lit_rlhf.rl.decoding import Suppress
 from lit_rlhf.rl.policy import (
     entropy_from_logits,
@@ -112,6 +114,40 @@ def test_value_model_choices():
         tiny_module(value_model="none")
     with pytest.raises(ValueError, match="value_model_path"):
         tiny_module(value_model="shared", value_model_path="tiny-llama")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_the_critic_exports_as_a_token_classifier_with_the_critics_values(critic, lora, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    module = tiny_module(value_model=critic, algorithm=PPO(epochs=1), lora=LoraOptions(r=4) if lora else None)
+    # Two iterations: a separate trunk's adapter gets no gradient in the first, through the zero-initialised head.
+    trainer(2).fit(module, prompt_loader())
+    exported = AutoModelForTokenClassification.from_pretrained(module.export(tmp_path / "policy") / "critic").eval()
+    assert exported.config.num_labels == 1
+    module.eval()
+    with torch.no_grad():
+        batch = prompt_batch(PROMPTS)  # left-padded prompts
+        samples = module.generator.samples(batch["prompt"], batch["input_ids"], batch["attention_mask"])
+        length, sequences, mask = samples.prompt_ids.shape[1], samples.sequences, samples.attention_mask
+        ours = module.models.outputs(sequences, mask, length).values
+        # Position i holds the value of the state after token i: response token t's is at length - 1 + t.
+        logits = exported(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
+    theirs, kept = logits[:, length - 1 : -1, 0], samples.response_mask.bool()
+    close(theirs[kept], ours[kept], tol=1e-6)
+    assert ours[kept].std() > 1e-3  # a trained critic (the initial one is 0 everywhere)
+    if lora:  # the adapter merged into the exported trunk
+        base = load_causal_lm("tiny-llama").model.state_dict()
+        trunk = exported.base_model.state_dict()
+        assert not torch.equal(trunk["layers.0.self_attn.q_proj.weight"], base["layers.0.self_attn.q_proj.weight"])
+
+
+def test_a_module_without_a_critic_exports_the_policy_alone(tmp_path):
+    module = tiny_module(algorithm=RLOO())
+    assert module.models.critic is None and module.export_critic() is None
+    path = module.export(tmp_path / "policy")
+    assert (path / "config.json").exists() and not (path / "critic").exists()
 
 
 def test_full_precision_head_keeps_logits_float32_under_autocast():
