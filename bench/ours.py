@@ -53,11 +53,13 @@ def quiet_trainer(callbacks: list[L.Callback], precision: str = "fp32", **kwargs
 def run_rl(cfg: dict[str, Any]) -> dict[str, Any]:
     from lit_rlhf.data.prompts import PromptDataModule
     from lit_rlhf.judges import VaderJudge
-    from lit_rlhf.rl import PPO, RLOO, GenerationOptions, RLHFModule
+    from lit_rlhf.rl import GRPO, PPO, RLOO, GenerationOptions, RLHFModule
     from lit_rlhf.rl.kl import FixedKL
 
     if cfg["algorithm"] == "ppo":
         algorithm, value_model = PPO(epochs=cfg["epochs"], num_minibatches=1), cfg.get("value_model", "separate")
+    elif cfg["algorithm"] == "grpo":  # TRL 1.16's GRPOTrainer defaults: loss_type "dapo", group std, k3 in the loss
+        algorithm, value_model = GRPO(loss_aggregation="token", scale_rewards="group", kl_penalty="loss"), "none"
     else:
         algorithm, value_model = RLOO(), "none"
     torch.manual_seed(cfg["seed"])

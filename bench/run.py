@@ -63,7 +63,14 @@ def rl_settings(tiny: bool, work: Path) -> dict[str, Any]:
     rloo = {**base, "algorithm": "rloo", "epochs": 1, "prompts_per_iter": 1 if tiny else 2, "num_samples": 4}
     # Our PPO two ways: a separate critic as TRL's (like for like), and the critic head on the policy trunk (our
     # pipeline's default; TRL's PPOTrainer has no such option).
-    return {"ppo": {**ppo, "value_model": "separate"}, "ppo_shared": {**ppo, "value_model": "shared"}, "rloo": rloo}
+    # GRPO as TRL 1.16's GRPOTrainer runs it by default: token-level loss (DAPO), group std, β·k3 in the loss.
+    grpo = {**rloo, "algorithm": "grpo"}
+    return {
+        "ppo": {**ppo, "value_model": "separate"},
+        "ppo_shared": {**ppo, "value_model": "shared"},
+        "rloo": rloo,
+        "grpo": grpo,
+    }
 
 
 def reward_settings(tiny: bool, work: Path) -> dict[str, Any]:
@@ -198,8 +205,8 @@ def random_and_grouped(
 
 def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
     ours = Path(sys.executable)
-    if task == "rl":
-        return [
+    if task in ("rl", "rl-group"):
+        rows = [
             {
                 "row": "RL: our PPO (separate critic, as TRL's) vs TRL 0.25.1 PPOTrainer",
                 "ours": (ours, "ours.py", "rl", settings["ppo"], "ours_ppo"),
@@ -219,12 +226,13 @@ def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
                 "metrics": RL_METRICS,
             },
             {
-                "row": "RL: our RLOO vs TRL 1.16 GRPOTrainer",
-                "ours": (ours, "ours.py", "rl", settings["rloo"], "ours_rloo"),
-                "peer": (TRL_PYTHON, "peer_trl.py", "grpo", settings["rloo"], "trl_grpo"),
+                "row": "RL: our GRPO vs TRL 1.16 GRPOTrainer",
+                "ours": (ours, "ours.py", "rl", settings["grpo"], "ours_grpo"),
+                "peer": (TRL_PYTHON, "peer_trl.py", "grpo", settings["grpo"], "trl_grpo"),
                 "metrics": RL_METRICS,
             },
         ]
+        return rows if task == "rl" else [row for row in rows if "PPOTrainer" not in row["row"]]
     if task == "reward":
         metrics = [
             ("pairs_per_second", "pairs / s (training)", ">= 1.2"),
@@ -257,10 +265,11 @@ def fmt(value: Any) -> str:
 
 
 def run_task(task: str, tiny: bool, sides: str, threads: int, precision: str, peak: float) -> dict[str, Any]:
-    builders = {"rl": rl_settings, "reward": reward_settings, "sft": sft_settings, "generation": generation_settings}
+    builders = {"rl": rl_settings, "rl-group": rl_settings, "reward": reward_settings, "sft": sft_settings}
+    builders["generation"] = generation_settings
     work = Path(tempfile.mkdtemp(prefix=f"lit-rlhf-bench-{task}-"))
     settings = builders[task](tiny, work)
-    for value in settings.values() if task == "rl" else [settings]:
+    for value in settings.values() if task.startswith("rl") else [settings]:
         value.update(threads=threads, precision=precision, gradient_checkpointing=False, group_by_length=False)
     cache: dict[str, dict[str, Any]] = {}
     rows = []
@@ -314,7 +323,12 @@ def markdown_table(result: dict[str, Any], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["rl", "reward", "sft", "generation", "all"], default="all")
+    parser.add_argument(
+        "--task",
+        choices=["rl", "rl-group", "reward", "sft", "generation", "all"],
+        default="all",
+        help="rl-group: the RL rows without a critic only (RLOO, GRPO), which need only bench/.venv-trl",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny-llama and a few steps: checks the scripts run")
     parser.add_argument("--sides", choices=["both", "ours", "peer"], default="both")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2), help="torch threads per side")

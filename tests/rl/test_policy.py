@@ -144,7 +144,7 @@ def test_the_critic_exports_as_a_token_classifier_with_the_critics_values(critic
 
 
 def test_a_module_without_a_critic_exports_the_policy_alone(tmp_path):
-    module = tiny_module(algorithm=RLOO())
+    module = tiny_module(algorithm=RLOO(), generation=GenerationOptions(max_new_tokens=8, num_samples=2))
     assert module.models.critic is None and module.export_critic() is None
     path = module.export(tmp_path / "policy")
     assert (path / "config.json").exists() and not (path / "critic").exists()
