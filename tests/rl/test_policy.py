@@ -162,3 +162,26 @@ def test_full_precision_head_keeps_logits_float32_under_autocast():
     assert rounded.dtype == torch.bfloat16 and mixed.dtype == torch.float32
     # The trunk still runs in bfloat16, so the logits are not exact, but closer than bfloat16 logits.
     assert (mixed - exact).abs().max() < (rounded.float() - exact).abs().max()
+
+
+def test_entropy_gradient_matches_plain_autograd_with_masked_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7)
+    logits[0, 1, [2, 5]] = float("-inf")  # banned tokens: p = 0, they must add 0 to the value and the gradient
+    weights = torch.randn(2, 3)
+
+    def plain(logits):  # the textbook formula, written with autograd
+        logp = logits.log_softmax(-1)
+        return -(logp.exp() * logp.masked_fill(~torch.isfinite(logp), 0.0)).sum(-1)
+
+    ours_in, plain_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours, reference = entropy_from_logits(ours_in), plain(plain_in)
+    (ours * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(ours_in.grad, plain_in.grad)
+    assert torch.isfinite(ours_in.grad).all() and (ours_in.grad[0, 1, [2, 5]] == 0).all()
+    # uniform over 7 tokens: log 7; over the 5 allowed ones: log 5
+    uniform = torch.zeros(1, 2, 7)
+    uniform[0, 1, :2] = float("-inf")
+    torch.testing.assert_close(entropy_from_logits(uniform), torch.tensor([[math.log(7), math.log(5)]]))
