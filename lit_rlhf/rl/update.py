@@ -76,8 +76,9 @@ def run_update(
                     loss, metrics = algorithm.loss(part, outputs)
                     if ptx_shares:
                         share = ptx_shares[(steps * len(micros) + i) % len(ptx_shares)]
-                        metrics["ptx/loss"] = ptx_loss(module.policy, share)
-                        loss = loss + module.ptx_coef * metrics["ptx/loss"]
+                        language = ptx_loss(module.policy, share)
+                        metrics["ptx/loss"] = language.detach()
+                        loss = loss + module.ptx_coef * language
                     check_finite_loss(
                         loss, f"{type(algorithm).__name__} at iteration {module.iteration}", FINITE_ADVICE
                     )
