@@ -111,7 +111,7 @@ class RLHFModule(CriticExportable, L.LightningModule):
             RNG stream (whose state is still checkpointed). Named apart from the data module's shuffle ``seed``.
         ptx_coef: γ of PPO-ptx (Ouyang et al. 2022, eq. 2: objective + γ·E_pretrain[log π]): every optimizer step
             adds γ × the language-modelling loss of a share of the iteration's ptx rows (the data module's
-            ``ptx_path``), logged as ``ptx/loss``. 0 disables. InstructGPT used γ = 27.8 at its own loss scale.
+            ``ptx_path``), logged as ``ptx/loss``. 0 disables.
         attn_implementation: transformers' attention kernel (``eager``, ``sdpa``, ...) for policy, reference and value
             trunk; None: transformers' default (``sdpa``). On a CPU ``eager`` runs the update's backward faster at short
             lengths (bench/README.md: 0.710 against 0.875 s for SmolLM2), with memory quadratic in the length.
