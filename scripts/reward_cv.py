@@ -61,7 +61,7 @@ def run_fold(recipe: str, train: Path, test: Path, root: Path, extra: list[str])
     start = time.perf_counter()
     fitted = run_stage("reward", [*fit_args, *QUIET, *extra])
     fit_seconds = time.perf_counter() - start
-    test_args = ["test", "--config", recipe, "--data.test_path", str(test), *QUIET, *extra]
+    test_args = ["--config", recipe, "--data.test_path", str(test), *QUIET, *extra]  # run=False: no subcommand
     tester = run_stage("reward", test_args, run=False)
     metrics = tester.trainer.test(fitted.model, datamodule=tester.datamodule, verbose=False)[0]
     pairs = len(tester.datamodule.examples["test"])  # the rows that parsed (pairs with nothing to prefer drop out)
