@@ -76,6 +76,7 @@ def run_rl(cfg: dict[str, Any]) -> dict[str, Any]:
         max_grad_norm=1.0,
         rollout_seed=cfg["seed"],
         gradient_checkpointing=cfg["gradient_checkpointing"],
+        reference_dtype=cfg.get("reference_dtype"),
     )
     data = PromptDataModule(
         cfg["model"], path=cfg["prompts_file"], batch_size=cfg["prompts_per_iter"], shuffle=False, val_limit=1

@@ -70,6 +70,7 @@ def rl_settings(tiny: bool, work: Path) -> dict[str, Any]:
         "ppo_shared": {**ppo, "value_model": "shared"},
         "rloo": rloo,
         "grpo": grpo,
+        "grpo_bf16_reference": {**grpo, "reference_dtype": "bfloat16"},
     }
 
 
@@ -228,6 +229,12 @@ def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "row": "RL: our GRPO vs TRL 1.16 GRPOTrainer",
                 "ours": (ours, "ours.py", "rl", settings["grpo"], "ours_grpo"),
+                "peer": (TRL_PYTHON, "peer_trl.py", "grpo", settings["grpo"], "trl_grpo"),
+                "metrics": RL_METRICS,
+            },
+            {
+                "row": "RL: our GRPO with a bfloat16 reference (reference_dtype) vs TRL 1.16 GRPOTrainer",
+                "ours": (ours, "ours.py", "rl", settings["grpo_bf16_reference"], "ours_grpo_bf16_reference"),
                 "peer": (TRL_PYTHON, "peer_trl.py", "grpo", settings["grpo"], "trl_grpo"),
                 "metrics": RL_METRICS,
             },

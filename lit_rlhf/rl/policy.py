@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_rlhf.finetuning import Exportable, plain_copy, token_classifier
-from lit_rlhf.freezing import check_trainable_layers
+from lit_rlhf.freezing import check_trainable_layers, layer_stack
 from lit_rlhf.models import DType, LoraOptions, ScalarHead, load_causal_lm, require_lora_for_quantisation
 from lit_rlhf.rl.experience import PolicyOutputs
 
@@ -232,6 +232,7 @@ class PolicyModels(nn.Module):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         trainable_layers: int | None = None,
+        reference_dtype: DType | None = None,
         reference: bool = True,
     ) -> PolicyModels:
         """Load the policy from ``name`` (bundled name, hub id or path) and build the reference and the critic.
@@ -256,6 +257,9 @@ class PolicyModels(nn.Module):
             )
         elif lora is None and reference:
             frozen = copy.deepcopy(policy)
+            if reference_dtype is not None:
+                # Only the layers: embeddings and the LM head keep the policy's dtype, so the log-probs keep theirs.
+                layer_stack(frozen)[1].to(getattr(torch, reference_dtype))
         if frozen is not None:
             frozen.requires_grad_(False).eval()
         value_model = None

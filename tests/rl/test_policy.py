@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lit_rlhf.freezing import layer_stack
 from lit_rlhf.models import LoraOptions, load_causal_lm
 from lit_rlhf.rewards import LengthReward
 from lit_rlhf.rl import PPO, RLOO, GenerationOptions
@@ -18,7 +19,7 @@ from lit_rlhf.rl.policy import (
     logprobs_from_logits,
     position_ids,
 )
-from tests.rl.support import PROMPTS, prompt_batch, prompt_loader, tiny_module, trainer
+from tests.rl.support import PROMPTS, Outputs, prompt_batch, prompt_loader, tiny_module, trainer
 
 LN2 = math.log(2)
 
@@ -185,3 +186,19 @@ def test_entropy_gradient_matches_plain_autograd_with_masked_tokens():
     uniform = torch.zeros(1, 2, 7)
     uniform[0, 1, :2] = float("-inf")
     torch.testing.assert_close(entropy_from_logits(uniform), torch.tensor([[math.log(7), math.log(5)]]))
+
+
+def test_a_bfloat16_reference_keeps_its_head_and_starts_at_the_policys_log_probs():
+    module = tiny_module(reference_dtype="bfloat16")
+    reference = module.models.reference
+    assert {p.dtype for p in layer_stack(reference)[1].parameters()} == {torch.bfloat16}
+    assert reference.get_output_embeddings().weight.dtype == torch.float32  # log-probs keep float32 logits
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
+    outputs = Outputs()
+    trainer(1, callbacks=[outputs], precision="bf16-mixed").fit(module, prompt_loader())
+    # autocast multiplies in bfloat16 either way: only the norms' weights are rounded, so the first rollout's KL to
+    # the reference (before any update) is next to nothing
+    first_kl = outputs.outputs[0]["metrics"]["objective/kl"]
+    assert abs(first_kl) < 0.02, first_kl
+    with pytest.raises(ValueError, match="reference_dtype: bfloat16 needs trainer.precision bf16-mixed"):
+        trainer(1).fit(tiny_module(reference_dtype="bfloat16"), prompt_loader())
