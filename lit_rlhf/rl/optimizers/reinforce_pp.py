@@ -8,7 +8,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from lit_rlhf.rl.advantages import discounted_returns, global_whiten, group_counts, masked_mean
+from lit_rlhf.rl.advantages import discounted_returns, global_whiten, group_normalized, masked_mean
 from lit_rlhf.rl.experience import Experience, PolicyOutputs
 from lit_rlhf.rl.losses import clipped_policy_loss
 from lit_rlhf.rl.optimizers.base import PolicyOptimizer, UpdateSchedule
@@ -54,10 +54,9 @@ class ReinforcePP(PolicyOptimizer):
     def advantages(self, experience: Experience) -> tuple[Tensor, None]:
         e = experience
         rewards = e.rewards
-        if self.baseline == "group":
-            counts = group_counts(e.group)
-            means = e.scores.new_zeros(int(e.group.max()) + 1).index_add(0, e.group, e.scores)[e.group] / counts
-            rewards = kl_penalized_rewards(e.scores - means, e.kl, e.response_mask, e.kl_coef)
+        if self.baseline == "group":  # each score minus its prompt's mean score, before the KL penalty
+            centred = group_normalized(e.scores, e.group, scale="none")
+            rewards = kl_penalized_rewards(centred, e.kl, e.response_mask, e.kl_coef)
         returns = discounted_returns(rewards, e.response_mask, self.gamma)
         return global_whiten(returns, e.response_mask), None
 
