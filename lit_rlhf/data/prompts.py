@@ -180,6 +180,8 @@ class PromptDataModule(L.LightningDataModule):
         self.skip_invalid = skip_invalid
         self.ptx_path, self.ptx_batch_size, self.ptx_max_length = ptx_path, ptx_batch_size, ptx_max_length
         self.datasets: dict[str, PromptDataset] = {}
+        self.ptx: SFTDataset | None = None
+        """The PPO-ptx rows, read at ``setup("fit")`` when ``ptx_path`` is set."""
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
     @property
@@ -195,7 +197,14 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self._load("train")
+            self._load_ptx()
         self._load("val")
+
+    def _load_ptx(self) -> SFTDataset | None:
+        if self.ptx is None and self.ptx_path is not None:
+            rows = read_sft(self.ptx_path, self.tokenizer, skip_invalid=self.skip_invalid, hub_kwargs=self.hub_kwargs)
+            self.ptx = SFTDataset(rows, self.tokenizer, self.ptx_max_length)
+        return self.ptx
 
     def _load(self, which: str) -> PromptDataset | None:
         if which not in self.datasets:
@@ -224,12 +233,12 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         prompts = self._loader("train", self.shuffle)
-        if self.ptx_path is None:
+        rows = self._load_ptx()
+        if rows is None:
             return prompts
-        examples = read_sft(self.ptx_path, self.tokenizer, skip_invalid=self.skip_invalid, hub_kwargs=self.hub_kwargs)
-        right = load_tokenizer(self.tokenizer_name, padding_side="right")
-        stream = EndlessSamples(SFTDataset(examples, right, self.ptx_max_length), self.seed)
-        ptx = StreamLoader(stream, batch_size=self.ptx_batch_size, collate_fn=SFTCollator(right.pad_token_id))
+        # The collator pads on the right whatever the tokenizer's side (encoding pads nothing).
+        stream = EndlessSamples(rows, self.seed)
+        ptx = StreamLoader(stream, batch_size=self.ptx_batch_size, collate_fn=SFTCollator(self.tokenizer.pad_token_id))
         # min_size: the epoch is the prompts' (the endless ptx stream never ends one); prompts are drawn first.
         return CombinedLoader({"prompts": prompts, "ptx": ptx}, mode="min_size")
 
