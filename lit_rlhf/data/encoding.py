@@ -124,6 +124,21 @@ def encode_sft(tokenizer: PreTrainedTokenizerBase, example: SFTExample, max_leng
     return ids, labels
 
 
+def encode_prompt_completion(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Causal-LM input ids and labels for a rendered ``prompt`` and the ``completion`` that follows it, as
+    :func:`encode_sft` encodes one trained piece: labels only on the completion (and the EOS it gets), the prompt cut
+    from the left when too long. DPO and ILQL encode their responses with this, so they see what SFT trains on.
+
+    A prompt already rendered by a chat template starts with the tokenizer's leading special tokens (Llama-3's
+    ``<|begin_of_text|>``); it gets no second copy of them.
+    """
+    prefix = special_token_template(tokenizer, pair=False)[0]
+    templated = bool(prefix) and prompt.startswith(tokenizer.decode(prefix))
+    return encode_sft(tokenizer, SFTExample(((prompt, False), (completion, True)), templated=templated), max_length)
+
+
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase,
     prompt: Prompt | str,

@@ -10,6 +10,7 @@ from lit_rlhf.data.encoding import (
     PromptCollator,
     RankingCollator,
     SFTCollator,
+    encode_prompt_completion,
     encode_prompt_response,
     encode_prompt_responses,
     encode_sft,
@@ -135,3 +136,20 @@ def test_collators_batch_as_written_out_by_hand():
     assert sft["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert sft["labels"].tolist() == [[-100, -100, C, 3], [X, 3, -100, -100]]
     assert all(t.dtype == torch.long for t in sft.values())
+
+
+def test_encode_prompt_completion_labels_the_completion_only(tok):
+    # As encode_sft of (prompt, completion): EOS (3) appended, labels -100 on the prompt, the prompt cut first.
+    assert encode_prompt_completion(tok, "ab", "c", 10) == ([A, B, C, 3], [IGNORE_INDEX, IGNORE_INDEX, C, 3])
+    assert encode_prompt_completion(tok, "ab", "c", 3) == ([B, C, 3], [IGNORE_INDEX, C, 3])
+
+
+def test_encode_prompt_completion_adds_leading_specials_once():
+    minilm = load_tokenizer(MINILM)
+    cls = minilm.cls_token_id
+    hello, day = minilm.convert_tokens_to_ids(["hello", "day"])
+    # MiniLM's leading special token is [CLS]: added before a plain prompt, not before one that already has it.
+    plain = encode_prompt_completion(minilm, "hello", " day", 10)
+    rendered = encode_prompt_completion(minilm, "[CLS] hello", " day", 10)
+    assert plain == rendered
+    assert plain[0][:3] == [cls, hello, day] and plain[1][:3] == [IGNORE_INDEX, IGNORE_INDEX, day]
