@@ -1,5 +1,5 @@
 """lit_rlhf: PyTorch Lightning modules for RLHF — SFT, Bradley–Terry reward models, PPO / A2C / NLPO / GRPO /
-RLOO / REINFORCE++ with KL control."""
+RLOO / REINFORCE++ with KL control, and DPO and its variants offline."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ _EXPORTS = {
     "RewardModelModule": "lit_rlhf.reward",
     "RewardModel": "lit_rlhf.reward",
     "bradley_terry_loss": "lit_rlhf.reward",
+    "DPOModule": "lit_rlhf.dpo",
+    "preference_loss": "lit_rlhf.dpo",
     "RLHFModule": "lit_rlhf.rl",
     "PolicyOptimizer": "lit_rlhf.rl",
     "PPO": "lit_rlhf.rl",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
         read_preferences,
         write_preferences,
     )
+    from lit_rlhf.dpo import DPOModule, preference_loss  # noqa: F401
     from lit_rlhf.finetuning import export_pretrained  # noqa: F401
     from lit_rlhf.judges import BradleyTerryAnnotator, VaderJudge  # noqa: F401
     from lit_rlhf.models import (  # noqa: F401

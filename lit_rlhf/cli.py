@@ -16,7 +16,10 @@ STAGE_CLIS: dict[str, tuple[str, str, str]] = {
     "sft": ("lit_rlhf.sft:SFTModule", "lit_rlhf.data.sft:SFTDataModule", "model.model"),
     "reward": ("lit_rlhf.reward:RewardModelModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.backbone"),
     "rl": ("lit_rlhf.rl.module:RLHFModule", "lit_rlhf.data.prompts:PromptDataModule", "model.policy"),
+    "dpo": ("lit_rlhf.dpo:DPOModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.model"),
 }
+# stage -> data module defaults that differ from the class's own (a recipe or the command line can still set them)
+STAGE_DATA_DEFAULTS: dict[str, dict[str, object]] = {"dpo": {"data.encoding": "causal_lm"}}
 OTHER_COMMANDS = {
     "pipeline": "lit_rlhf.pipeline:main",
     "export": "lit_rlhf.cli:export_main",
@@ -28,7 +31,10 @@ USAGE = """usage: lit-rlhf STAGE SUBCOMMAND [--config FILE] [options]
 stages (LightningCLI; SUBCOMMAND is fit, validate, test or predict):
   sft        supervised fine-tuning           lit-rlhf sft fit --config recipes/sft/smollm2.yaml
   reward     Bradley-Terry reward model       lit-rlhf reward fit --config recipes/reward/minilm_hh.yaml
-  rl         PPO / A2C / NLPO fine-tuning     lit-rlhf rl fit --config recipes/rl/ppo_smollm2.yaml
+  rl         PPO / A2C / NLPO / GRPO / RLOO / REINFORCE++ fine-tuning
+                                              lit-rlhf rl fit --config recipes/rl/ppo_smollm2.yaml
+  dpo        DPO / IPO / cDPO / SimPO on preference pairs
+                                              lit-rlhf dpo fit --config recipes/dpo/smollm2_hh.yaml
 other commands:
   pipeline   collect -> reward model -> RL -> evaluate -> report
              lit-rlhf pipeline --config recipes/pipeline/demo.yaml
@@ -49,12 +55,14 @@ def _load(target: str):
 class StageCLI(LightningCLI):
     """LightningCLI that derives the data module's tokenizer from the model it feeds."""
 
-    def __init__(self, *args, tokenizer_source: str, **kwargs) -> None:
-        self.tokenizer_source = tokenizer_source
+    def __init__(self, *args, tokenizer_source: str, data_defaults: dict | None = None, **kwargs) -> None:
+        self.tokenizer_source, self.data_defaults = tokenizer_source, data_defaults or {}
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(self.tokenizer_source, "data.tokenizer")
+        if self.data_defaults:
+            parser.set_defaults(self.data_defaults)
 
 
 def run_stage(stage: str, args: list[str] | None = None, run: bool = True) -> StageCLI:
@@ -66,6 +74,7 @@ def run_stage(stage: str, args: list[str] | None = None, run: bool = True) -> St
         _load(model_path),
         _load(data_path),
         tokenizer_source=source,
+        data_defaults=STAGE_DATA_DEFAULTS.get(stage),
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},

@@ -160,3 +160,12 @@ def test_the_default_logger_is_tensorboard():
     from lightning.pytorch.loggers import TensorBoardLogger
 
     assert isinstance(L.Trainer(accelerator="cpu").logger, TensorBoardLogger)  # not the CSV fallback
+
+
+def test_dpo_tiny_recipe_fits_with_causal_lm_batches(tmp_path):
+    # The dpo stage sets data.encoding to causal_lm itself: the recipe does not need to.
+    cli = run_stage(
+        "dpo", ["fit", "--config", str(RECIPES / "dpo" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    )
+    assert cli.datamodule.encoding == "causal_lm" and cli.trainer.global_step == 3
+    assert 0.0 <= float(cli.trainer.callback_metrics["train/rewards/accuracy"]) <= 1.0

@@ -216,8 +216,10 @@ class PromptCollator:
 
 
 class PreferenceCollator:
-    """Batch preference items; chosen and rejected are padded to one common length so a model can stack them.
-    Ranking items (with ``input_ids``) are batched as :class:`RankingCollator` does."""
+    """Batch preference items; chosen and rejected are padded to one common length so a model can stack them:
+    ``{chosen,rejected}_{input_ids,attention_mask}`` (B, T) and ``margin`` (B,); causal-LM items add
+    ``{chosen,rejected}_labels`` (B, T), -100 on prompt and padding, and ``index`` (B,) long. Ranking items (with
+    ``input_ids``) are batched as :class:`RankingCollator` does."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -226,15 +228,15 @@ class PreferenceCollator:
         if "input_ids" in items[0]:
             return RankingCollator(self.pad_id)(items)
         length = max(len(item[key]) for item in items for key in ("chosen_input_ids", "rejected_input_ids"))
-        chosen_ids, chosen_mask = pad_right([item["chosen_input_ids"] for item in items], self.pad_id, length)
-        rejected_ids, rejected_mask = pad_right([item["rejected_input_ids"] for item in items], self.pad_id, length)
-        return {
-            "chosen_input_ids": chosen_ids,
-            "chosen_attention_mask": chosen_mask,
-            "rejected_input_ids": rejected_ids,
-            "rejected_attention_mask": rejected_mask,
-            "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32),
-        }
+        batch = {"margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32)}
+        for side in ("chosen", "rejected"):
+            ids, mask = pad_right([item[f"{side}_input_ids"] for item in items], self.pad_id, length)
+            batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = ids, mask
+            if f"{side}_labels" in items[0]:  # causal-LM items (DPO)
+                batch[f"{side}_labels"] = pad_right([item[f"{side}_labels"] for item in items], IGNORE_INDEX, length)[0]
+        if "index" in items[0]:
+            batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        return batch
 
 
 class RankingCollator:

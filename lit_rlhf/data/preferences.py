@@ -8,17 +8,25 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.encoding import PreferenceCollator, encode_prompt_response, encode_prompt_responses
+from lit_rlhf.data.encoding import (
+    PreferenceCollator,
+    encode_prompt_completion,
+    encode_prompt_response,
+    encode_prompt_responses,
+)
 from lit_rlhf.data.loading import SplitDataModule
 from lit_rlhf.data.rankings import RankingExample, is_ranking_row, parse_ranking_row, ranking_from_pair
 from lit_rlhf.data.rows import PreferenceExample, parse_preference_row
 from lit_rlhf.data.sources import load_examples
 from lit_rlhf.models import load_tokenizer
+
+PreferenceEncoding = Literal["reward_model", "causal_lm"]
+"""How ``PreferenceDataModule`` encodes a response: for a reward model to score, or for a causal LM to score."""
 
 
 def read_preferences(
@@ -130,6 +138,31 @@ class PreferenceDataset(Dataset):
         return max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"]))
 
 
+class PolicyPreferenceDataset(Dataset):
+    """Pairs encoded on access for a causal LM (DPO): each side is the prompt and its response as one sequence with
+    labels on the response only (:func:`~lit_rlhf.data.encoding.encode_prompt_completion`); ``index`` names the
+    example, so that per-example values (cached reference log-probs) can be looked up."""
+
+    def __init__(self, examples: list[PreferenceExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        item: dict[str, Any] = {"index": index, "margin": example.margin}
+        for side, response in (("chosen", example.chosen), ("rejected", example.rejected)):
+            ids, labels = encode_prompt_completion(self.tokenizer, example.prompt, response, self.max_length)
+            item[f"{side}_input_ids"], item[f"{side}_labels"] = ids, labels
+        return item
+
+    def length(self, index: int) -> int:
+        """Tokens of the longer side of pair ``index`` (what its batch pads to)."""
+        item = self[index]
+        return max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"]))
+
+
 class RankingDataset(Dataset):
     """Rankings encoded on access: the prompt tokenised once, each response once
     (:func:`~lit_rlhf.data.encoding.encode_prompt_responses`)."""
@@ -154,8 +187,8 @@ class RankingDataset(Dataset):
 
 
 class PreferenceDataModule(SplitDataModule):
-    """Preferences for reward-model training: pairs (chosen / rejected responses to one prompt) or K-wise rankings
-    (K >= 2 responses to one prompt, ranked or scored).
+    """Preferences for reward-model training (and, with ``encoding="causal_lm"``, for DPO): pairs (chosen / rejected
+    responses to one prompt) or K-wise rankings (K >= 2 responses to one prompt, ranked or scored).
 
     Reads hh-rlhf transcripts, ``prompt``/``chosen``/``rejected`` plain text or conversational message lists, with an
     optional ``margin`` column, and ``prompt``/``responses`` rows with a ``ranking`` or ``scores``, detected per row.
@@ -163,7 +196,8 @@ class PreferenceDataModule(SplitDataModule):
     ``rejected_input_ids``, ``rejected_attention_mask`` (all (B, T) long, right-padded to one T) and ``margin`` (B,)
     float. A source with any ranking gives ranking batches, its pairs read as rankings of two (see
     :class:`~lit_rlhf.data.encoding.RankingCollator`): ``input_ids`` / ``attention_mask`` (N, T) with every response of
-    the batch once, ``response_mask`` (B, K) bool, ``scores`` (B, K) and ``margin`` (B,). Per-split counts are in
+    the batch once, ``response_mask`` (B, K) bool, ``scores`` (B, K) and ``margin`` (B,). ``encoding="causal_lm"``
+    adds ``chosen_labels`` / ``rejected_labels`` (B, T) and ``index`` (B,) to pair batches. Per-split counts are in
     :attr:`stats` after ``setup``.
     """
 
@@ -179,6 +213,7 @@ class PreferenceDataModule(SplitDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         group_by_length: bool = False,
+        encoding: PreferenceEncoding = "reward_model",
         skip_invalid: bool = False,
         train_split: str = "train",
         val_split: str = "test",
@@ -202,6 +237,10 @@ class PreferenceDataModule(SplitDataModule):
             num_workers: DataLoader worker processes (0 encodes in the main process).
             group_by_length: Batch training examples of similar length together (``LengthGroupedSampler``): less
                 padding, so faster steps; batches are then drawn from length-sorted windows of 50 batches.
+            encoding: What the batches feed. ``reward_model``: each response with its prompt as one input with the
+                tokenizer's pair special tokens, to be scored (reward models). ``causal_lm``: each side as a causal-LM
+                sequence with ``{chosen,rejected}_labels`` on the response only and the example's ``index``, to be
+                likelihood-scored (DPO; ``lit-rlhf dpo`` sets it); pairs only.
             skip_invalid: Skip and count bad rows instead of stopping at the first with a ``DataFormatError``.
             train_split: Split name for ``train_path`` when it is a folder or hub dataset.
             val_split: Split name for ``val_path`` when it is a folder or hub dataset.
@@ -212,6 +251,8 @@ class PreferenceDataModule(SplitDataModule):
         super().__init__()
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}.")
+        if encoding not in ("reward_model", "causal_lm"):
+            raise ValueError(f"encoding must be 'reward_model' or 'causal_lm', got {encoding!r}.")
         self.save_hyperparameters()
         self.configure_splits(
             tokenizer,
@@ -224,12 +265,20 @@ class PreferenceDataModule(SplitDataModule):
             group_by_length,
         )
         self.max_length, self.skip_invalid, self.hub_kwargs = max_length, skip_invalid, hub_kwargs
+        self.encoding = encoding
 
     def read_split(self, path: str, split_name: str, stats: dict[str, int]) -> list[PreferenceExample]:
         return read_preferences(path, self.tokenizer, split_name, self.skip_invalid, self.hub_kwargs, stats=stats)
 
     def make_dataset(self, examples: list[PreferenceExample] | list[RankingExample]) -> Dataset:
         rankings = bool(examples) and isinstance(examples[0], RankingExample)
+        if self.encoding == "causal_lm":
+            if rankings:
+                raise ValueError(
+                    "PreferenceDataModule(encoding='causal_lm') reads preference pairs; this source holds rankings "
+                    "(rows with 'responses'). Write each ranking's pairs as prompt/chosen/rejected rows instead."
+                )
+            return PolicyPreferenceDataset(examples, self.tokenizer, self.max_length)
         return (RankingDataset if rankings else PreferenceDataset)(examples, self.tokenizer, self.max_length)
 
     def make_collator(self) -> PreferenceCollator:
