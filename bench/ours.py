@@ -1,6 +1,6 @@
 """Our side of each benchmark, run by ``bench/run.py`` in the project's venv: ``ours.py TASK CONFIG.json OUT.json``.
 
-TASK is ``rl``, ``reward``, ``sft`` or ``generation``; CONFIG holds the settings both sides share.
+TASK is ``rl``, ``reward``, ``sft``, ``dpo`` or ``generation``; CONFIG holds the settings both sides share.
 """
 
 from __future__ import annotations
@@ -177,6 +177,46 @@ def run_sft(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_dpo(cfg: dict[str, Any]) -> dict[str, Any]:
+    from lit_rlhf.data.preferences import PreferenceDataModule
+    from lit_rlhf.dpo import DPOModule
+
+    torch.manual_seed(cfg["seed"])
+    module = DPOModule(
+        cfg["model"],
+        beta=cfg["beta"],
+        precompute_reference=cfg["precompute_reference"],
+        learning_rate=cfg["lr"],
+        scheduler="constant",
+        warmup_ratio=0.0,
+        gradient_checkpointing=cfg["gradient_checkpointing"],
+    )
+    data = PreferenceDataModule(
+        cfg["model"],
+        train_path=cfg["train_file"],
+        val_path=cfg["val_file"],
+        max_length=cfg["max_length"],
+        batch_size=cfg["batch_size"],
+        encoding="causal_lm",
+        group_by_length=cfg["group_by_length"],
+        seed=cfg["seed"],
+    )
+    clock = StepClock()
+    trainer = quiet_trainer([clock], cfg["precision"], max_epochs=cfg["epochs"], limit_val_batches=0)
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    fit_seconds = time.perf_counter() - start
+    metrics = quiet_trainer([], cfg["precision"]).validate(module, data.val_dataloader(), verbose=False)[0]
+    return {
+        "pairs_per_second": steady_mean([cfg["batch_size"] / d for d in clock.durations]),
+        "steps": len(clock.durations),
+        "train_seconds": sum(clock.durations),
+        "fit_seconds": fit_seconds,
+        "eval_loss": float(metrics["val/loss"]),
+        "accuracy": float(metrics["val/rewards/accuracy"]),
+    }
+
+
 def run_generation(cfg: dict[str, Any]) -> dict[str, Any]:
     from lit_rlhf.rl import GenerationOptions, PolicyGenerator
 
@@ -192,7 +232,7 @@ def run_generation(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"tokens_per_second": steady_mean([n / d for n, d in zip(counts, durations, strict=True)])}
 
 
-TASKS = {"rl": run_rl, "reward": run_reward, "sft": run_sft, "generation": run_generation}
+TASKS = {"rl": run_rl, "reward": run_reward, "sft": run_sft, "dpo": run_dpo, "generation": run_generation}
 
 if __name__ == "__main__":
     task = sys.argv.pop(1)

@@ -1,5 +1,5 @@
 """The TRL side (current release) of each benchmark, run by ``bench/run.py`` in ``bench/.venv-trl``:
-``peer_trl.py TASK CONFIG.json OUT.json`` with TASK ``grpo``, ``rloo``, ``reward``, ``sft`` or ``generation``.
+``peer_trl.py TASK CONFIG.json OUT.json`` with TASK ``grpo``, ``rloo``, ``reward``, ``sft``, ``dpo`` or ``generation``.
 
 Settings come from the same CONFIG as our side; nothing here imports lit_rlhf (its pins differ from TRL's).
 """
@@ -198,11 +198,54 @@ def run_sft(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_dpo(cfg: dict[str, Any]) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(cfg["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    args = DPOConfig(
+        **common_args(cfg),
+        per_device_train_batch_size=cfg["batch_size"],
+        per_device_eval_batch_size=cfg["batch_size"],
+        num_train_epochs=cfg["epochs"],
+        max_length=cfg["max_length"],
+        beta=cfg["beta"],
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=cfg["precompute_reference"],
+        eval_strategy="no",
+    )
+    clock = StepClock()
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(read_jsonl(cfg["train_file"])),
+        eval_dataset=Dataset.from_list(read_jsonl(cfg["val_file"])),
+        processing_class=tokenizer,
+    )
+    trainer.add_callback(clock)
+    start = time.perf_counter()
+    trainer.train()
+    fit_seconds = time.perf_counter() - start
+    metrics = trainer.evaluate()
+    return {
+        "pairs_per_second": steady_mean([cfg["batch_size"] / d for d in clock.durations]),
+        "steps": len(clock.durations),
+        "train_seconds": sum(clock.durations),
+        "fit_seconds": fit_seconds,
+        "eval_loss": float(metrics["eval_loss"]),
+        "accuracy": float(metrics["eval_rewards/accuracies"]),
+    }
+
+
 TASKS = {
     "grpo": lambda cfg: run_online(cfg, "grpo"),
     "rloo": lambda cfg: run_online(cfg, "rloo"),
     "reward": run_reward,
     "sft": run_sft,
+    "dpo": run_dpo,
 }
 
 if __name__ == "__main__":

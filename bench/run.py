@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks against TRL: ``python bench/run.py --task rl|reward|sft|generation|all [--tiny]``.
+"""Side-by-side benchmarks against TRL: ``python bench/run.py --task rl|reward|sft|dpo|generation|all [--tiny]``.
 
 Each side runs in its own process (the peers in their own venvs, see bench/README.md) with settings written by this
 script, so model, data, batch sizes and lengths are identical. Prints ours / peer / ratio and writes
@@ -155,6 +155,42 @@ def generation_settings(tiny: bool, work: Path) -> dict[str, Any]:
 # --- running the sides ---------------------------------------------------------------------------------------------
 
 
+def dpo_settings(tiny: bool, work: Path) -> dict[str, Any]:
+    """DPO of SmolLM2 on hh-rlhf pairs (both sides: full fine-tune, a frozen copy as the reference)."""
+    from lit_rlhf.data.loading import split_off
+    from lit_rlhf.data.preferences import read_preferences
+    from lit_rlhf.models import load_tokenizer, resolve
+
+    model = resolve("tiny-llama" if tiny else "smollm2-135m-instruct")
+    max_length, batch_size, train_pairs, val_pairs = (320, 4, 8, 8) if tiny else (256, 4, 48, 32)
+    if tiny:
+        source = str(Path(__import__("lit_rlhf").__file__).parent / "data" / "examples" / "preferences_tiny.jsonl")
+    else:
+        source = str(shared_data(HH_RLHF))
+    tokenizer = load_tokenizer(model, padding_side="right")
+    train, val = split_off(read_preferences(source, tokenizer), 0.2, seed=0)
+
+    def rows(examples, limit: int) -> list[dict[str, str]]:
+        # TRL keeps the start of a long sequence and we keep its end: use only pairs neither side has to cut.
+        def fits(e) -> bool:
+            return max(len(tokenizer(e.prompt + r)["input_ids"]) for r in (e.chosen, e.rejected)) + 2 <= max_length
+
+        return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples if fits(e)][:limit]
+
+    return {
+        "model": model,
+        "train_file": write_jsonl(rows(train, train_pairs), work / "dpo_train.jsonl"),
+        "val_file": write_jsonl(rows(val, val_pairs), work / "dpo_val.jsonl"),
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "epochs": 1,
+        "lr": 5e-6,
+        "beta": 0.1,
+        "precompute_reference": False,
+        "seed": 0,
+    }
+
+
 def run_side(python: Path, script: str, task: str, config: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     """Run one side in its own process; its peak RSS is that process's alone."""
     if not python.exists():
@@ -255,6 +291,28 @@ def comparisons(task: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
             ("peak_rss_mb", "peak RSS (MiB)", None),
         ]
         return random_and_grouped("SFT", "TRL 1.16 SFTTrainer", "sft", settings, metrics)
+    if task == "dpo":
+        metrics = [
+            ("pairs_per_second", "pairs / s (training)", ">= 1.2"),
+            ("eval_loss", "held-out DPO loss", "equal"),
+            ("accuracy", "held-out reward accuracy", "equal"),
+            ("peak_rss_mb", "peak RSS (MiB)", None),
+        ]
+        cached = {**settings, "precompute_reference": True}
+        return [
+            {
+                "row": "DPO: ours vs TRL 1.16 DPOTrainer (both: frozen reference copy, random batches)",
+                "ours": (ours, "ours.py", "dpo", settings, "ours_dpo"),
+                "peer": (TRL_PYTHON, "peer_trl.py", "dpo", settings, "trl_dpo"),
+                "metrics": metrics,
+            },
+            {
+                "row": "DPO: ours vs TRL 1.16 DPOTrainer (both: reference log-probs precomputed before training)",
+                "ours": (ours, "ours.py", "dpo", cached, "ours_dpo_cached"),
+                "peer": (TRL_PYTHON, "peer_trl.py", "dpo", cached, "trl_dpo_cached"),
+                "metrics": metrics,
+            },
+        ]
     return [
         {
             "row": "Generation: RLHFModule.generate vs plain model.generate",
@@ -273,7 +331,7 @@ def fmt(value: Any) -> str:
 
 def run_task(task: str, tiny: bool, sides: str, threads: int, precision: str, peak: float) -> dict[str, Any]:
     builders = {"rl": rl_settings, "rl-group": rl_settings, "reward": reward_settings, "sft": sft_settings}
-    builders["generation"] = generation_settings
+    builders["generation"], builders["dpo"] = generation_settings, dpo_settings
     work = Path(tempfile.mkdtemp(prefix=f"lit-rlhf-bench-{task}-"))
     settings = builders[task](tiny, work)
     for value in settings.values() if task.startswith("rl") else [settings]:
@@ -332,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--task",
-        choices=["rl", "rl-group", "reward", "sft", "generation", "all"],
+        choices=["rl", "rl-group", "reward", "sft", "dpo", "generation", "all"],
         default="all",
         help="rl-group: the RL rows without a critic only (RLOO, GRPO), which need only bench/.venv-trl",
     )
@@ -360,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, value in peaks.items():
         print(f"{name} matmul peak on {args.threads} thread(s): {value / 1e9:.1f} GFLOP/s")
-    tasks = ["rl", "reward", "sft", "generation"] if args.task == "all" else [args.task]
+    tasks = ["rl", "reward", "sft", "dpo", "generation"] if args.task == "all" else [args.task]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = False

@@ -26,7 +26,7 @@ def test_rl_flop_count_by_hand():
     assert rl_iteration_flops(10, 2, 1, 3, 2, 1, "separate", reused_forward=True) == 856
 
 
-@pytest.mark.parametrize("task", ["rl", "rl-group", "reward", "sft", "generation"])
+@pytest.mark.parametrize("task", ["rl", "rl-group", "reward", "sft", "dpo", "generation"])
 def test_our_side_runs_tiny(task, tmp_path, tiny_llama_path):
     assert run.main(["--task", task, "--tiny", "--sides", "ours", "--threads", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / f"{task}-tiny.json").read_text())
