@@ -1,0 +1,199 @@
+"""The offline stages on the demo task: DPO trained on the demo's collected preference pairs, measured by the
+pipeline's own evaluate stage (gold win rate against the initial policy, KL, gold and proxy reward) beside the demo's
+PPO result (docs/offline.md).
+
+    python scripts/measure_offline.py --source outputs/demo                 # reuse a finished demo run
+    python scripts/measure_offline.py --source outputs/demo --dpo-epochs 2 --dpo-beta 0.05
+    python scripts/measure_offline.py --config recipes/pipeline/tiny.yaml --source /tmp/tiny --output_dir /tmp/off
+
+``--source`` must hold a finished run of ``--config`` (collect, reward, rl and evaluate stages). DPO trains with the
+RL stage's LoRA adapter and ``trainable_layers`` on the source's ``collect/train.jsonl`` pairs (prompts rendered with
+the policy's chat template, as the pipeline samples them), its reference log-probs computed once. Its adapter is
+saved as the single RL snapshot of a copy of the run (``OUTPUT_DIR/dpo``), whose evaluate stage then runs, forced.
+Results: ``OUTPUT_DIR/offline.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pipeline_config(argv: list[str]):
+    """The pipeline's typed configuration, parsed as ``lit-rlhf pipeline`` parses it."""
+    from lit_rlhf.pipeline.config import from_namespace
+    from lit_rlhf.pipeline.runner import build_parser
+
+    parser = build_parser()
+    return from_namespace(parser.instantiate_classes(parser.parse_args(argv)))
+
+
+def copy_run(source: Path, target: Path) -> None:
+    """Give ``target`` the collect and reward outputs of ``source`` and stage markers up to rl, with no snapshots."""
+    for stage in ("collect", "reward"):
+        shutil.rmtree(target / stage, ignore_errors=True)
+        shutil.copytree(source / stage, target / stage)
+    (target / "stages").mkdir(parents=True, exist_ok=True)
+    for stage in ("collect", "reward", "rl"):
+        marker = source / "stages" / f"{stage}.json"
+        if not marker.exists():
+            raise SystemExit(f"{source} has no finished {stage} stage ({marker} is missing); run the pipeline first.")
+        shutil.copy2(marker, target / "stages" / marker.name)
+    shutil.rmtree(target / "rl", ignore_errors=True)
+    (target / "rl" / "checkpoints").mkdir(parents=True)
+
+
+def chat_rows(source: Path, target: Path, chat_template: bool) -> str:
+    """The collected pairs with each prompt as a user message (rendered by the chat template when the pipeline
+    renders prompts with it), so DPO trains on the texts the policy is sampled from."""
+    rows = []
+    for line in source.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if chat_template:
+                row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+            rows.append(json.dumps(row))
+    target.write_text("\n".join(rows) + "\n")
+    return str(target)
+
+
+def train_dpo(config, source: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Fit ``DPOModule`` on the source's pairs and save its adapter as the run's only snapshot, ``iter-0001``."""
+    import lightning as L
+
+    from lit_rlhf.data.preferences import PreferenceDataModule
+    from lit_rlhf.dpo import DPOModule
+
+    L.seed_everything(config.seed)
+    model = config.rl.model
+    module = DPOModule(
+        config.policy,
+        lora=model.get("lora"),
+        trainable_layers=model.get("trainable_layers"),
+        loss=args.dpo_loss,
+        beta=args.dpo_beta,
+        precompute_reference=True,
+        learning_rate=args.dpo_lr,
+        scheduler="linear",
+        warmup_ratio=0.1,
+        dtype=model.get("dtype", "float32"),
+    )
+    data = PreferenceDataModule(
+        config.policy,
+        train_path=chat_rows(source / "collect" / "train.jsonl", run_dir / "dpo_train.jsonl", config.chat_template),
+        val_path=chat_rows(source / "collect" / "val.jsonl", run_dir / "dpo_val.jsonl", config.chat_template),
+        max_length=args.dpo_max_length,
+        batch_size=args.dpo_batch_size,
+        encoding="causal_lm",
+        seed=config.seed,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=args.dpo_epochs,
+        precision=config.precision,
+        logger=L.pytorch.loggers.CSVLogger(run_dir, name="dpo_logs"),
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    seconds = time.perf_counter() - start
+    module.model.save_pretrained(run_dir / "rl" / "checkpoints" / "iter-0001")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return {"train_seconds": seconds, "steps": trainer.global_step, "pairs": len(data.examples["train"]), **metrics}
+
+
+def evaluate(run_dir: Path, pipeline_args: list[str]) -> dict[str, Any]:
+    """The pipeline's evaluate stage on ``run_dir`` (forced), and its final-vs-initial numbers."""
+    from lit_rlhf.pipeline import main
+
+    main([*pipeline_args, "--output_dir", str(run_dir), "--stages", "evaluate", "--force"])
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    final, initial = results["checkpoints"][-1], results["checkpoints"][0]
+    return {
+        "win_rate": results["win_rate"],
+        "wins_ties_losses": [results["wins"], results["ties"], results["losses"]],
+        "kl": final["kl"],
+        "gold_reward": final["gold_reward"],
+        "proxy_reward": final["proxy_reward"],
+        "initial_gold_reward": initial["gold_reward"],
+        "ref_perplexity": final["ref_perplexity"],
+        "distinct_2": final["distinct_2"],
+    }
+
+
+def source_row(source: Path) -> dict[str, Any]:
+    """The source run's own RL result (its evaluate stage), for comparison."""
+    results = json.loads((source / "evaluate" / "results.json").read_text())
+    final = results["checkpoints"][-1]
+    rl = json.loads((source / "stages" / "rl.json").read_text())
+    return {
+        "win_rate": results["win_rate"],
+        "wins_ties_losses": [results["wins"], results["ties"], results["losses"]],
+        "kl": final["kl"],
+        "gold_reward": final["gold_reward"],
+        "proxy_reward": final["proxy_reward"],
+        "initial_gold_reward": results["checkpoints"][0]["gold_reward"],
+        "ref_perplexity": final["ref_perplexity"],
+        "distinct_2": final["distinct_2"],
+        "train_seconds": rl["seconds"],
+    }
+
+
+def markdown(rows: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| method | gold win rate vs initial (W/T/L) | KL (nats) | gold reward (initial) | proxy reward | train (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows.items():
+        wtl = "/".join(str(x) for x in r["wins_ties_losses"])
+        lines.append(
+            f"| {name} | {r['win_rate']:.3f} ({wtl}) | {r['kl']:.2f} | {r['gold_reward']:.3f} "
+            f"({r['initial_gold_reward']:.3f}) | {r['proxy_reward']:.3f} | {r.get('train_seconds', 0):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "recipes" / "pipeline" / "demo.yaml"))
+    parser.add_argument("--source", default="outputs/demo", help="a finished run of --config")
+    parser.add_argument("--output_dir", default="outputs/offline")
+    parser.add_argument("--dpo-loss", default="sigmoid")
+    parser.add_argument("--dpo-beta", type=float, default=0.1)
+    parser.add_argument("--dpo-lr", type=float, default=5e-5)
+    parser.add_argument("--dpo-epochs", type=int, default=1)
+    parser.add_argument("--dpo-batch-size", type=int, default=8)
+    parser.add_argument("--dpo-max-length", type=int, default=256)
+    args = parser.parse_args()
+    source, out = Path(args.source), Path(args.output_dir)
+    pipeline_args = ["--config", args.config]
+    config = pipeline_config(pipeline_args)
+    rows = {"PPO (the source run)": source_row(source)}
+    run_dir = out / "dpo"
+    copy_run(source, run_dir)
+    trained = train_dpo(config, source, run_dir, args)
+    rows[f"DPO ({args.dpo_loss}, β {args.dpo_beta}, {args.dpo_epochs} epoch(s))"] = {
+        **evaluate(run_dir, pipeline_args),
+        **trained,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    (out / "offline.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    (out / "offline.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
