@@ -16,6 +16,7 @@ STAGE_CLIS: dict[str, tuple[str, str, str]] = {
     "sft": ("lit_rlhf.sft:SFTModule", "lit_rlhf.data.sft:SFTDataModule", "model.model"),
     "reward": ("lit_rlhf.reward:RewardModelModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.backbone"),
     "rl": ("lit_rlhf.rl.module:RLHFModule", "lit_rlhf.data.prompts:PromptDataModule", "model.policy"),
+    "ilql": ("lit_rlhf.ilql:ILQLModule", "lit_rlhf.data.scored:ScoredDataModule", "model.model"),
 }
 OTHER_COMMANDS = {
     "pipeline": "lit_rlhf.pipeline:main",
@@ -29,6 +30,7 @@ stages (LightningCLI; SUBCOMMAND is fit, validate, test or predict):
   sft        supervised fine-tuning           lit-rlhf sft fit --config recipes/sft/smollm2.yaml
   reward     Bradley-Terry reward model       lit-rlhf reward fit --config recipes/reward/minilm_hh.yaml
   rl         PPO / A2C / NLPO fine-tuning     lit-rlhf rl fit --config recipes/rl/ppo_smollm2.yaml
+  ilql       offline RL on scored responses   lit-rlhf ilql fit --config recipes/ilql/smollm2.yaml
 other commands:
   pipeline   collect -> reward model -> RL -> evaluate -> report
              lit-rlhf pipeline --config recipes/pipeline/demo.yaml
