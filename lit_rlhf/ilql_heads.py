@@ -16,7 +16,7 @@ CONFIG_FILE = "ilql_heads.json"
 
 
 def mlp_head(hidden_size: int, out_features: int) -> nn.Sequential:
-    """hidden → 2·hidden → ReLU → ``out_features``, the heads' shape in the ILQL paper and trlx.
+    """hidden → 2·hidden → ReLU → ``out_features``: a two-layer MLP as the ILQL paper's heads, as wide as trlx's.
 
     The output layer starts at zero: an untrained head then perturbs decoding by nothing (β·(Q − V) = 0), which
     matters because the target heads that decoding reads follow the trained ones slowly (Polyak α = 0.001).

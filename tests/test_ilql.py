@@ -164,6 +164,15 @@ def test_fit_logs_finite_losses_and_moves_the_target_heads(fitted):
     assert any(not torch.equal(t, q) for t, q in zip(targets, online, strict=True))  # α = ½ lags behind
 
 
+def test_a_checkpoint_restores_the_target_heads(fitted, tmp_path):
+    module, _, trainer = fitted
+    trainer.save_checkpoint(tmp_path / "ilql.ckpt")
+    again = ILQLModule.load_from_checkpoint(tmp_path / "ilql.ckpt")
+    assert again.hparams.beta == 2.0 and again.hparams.alpha == 0.5
+    pairs = zip(again.target_q_heads.parameters(), module.target_q_heads.parameters(), strict=True)
+    assert all(torch.equal(a, b) and not a.requires_grad for a, b in pairs)
+
+
 def test_targets_sync_every_n_optimizer_steps(tiny_llama_path):
     torch.manual_seed(0)
     module = ILQLModule(TINY_LLAMA, learning_rate=1e-2, alpha=1.0, target_sync_every=2)
