@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 # Public name -> module. Resolved on first access so `import lit_rlhf.models` does not pay for Lightning's import.
 _EXPORTS = {
     "SFTModule": "lit_rlhf.sft",
+    "ILQLModule": "lit_rlhf.ilql",
+    "make_ilql_processor": "lit_rlhf.ilql",
     "RewardModelModule": "lit_rlhf.reward",
     "RewardModel": "lit_rlhf.reward",
     "bradley_terry_loss": "lit_rlhf.reward",
@@ -32,6 +34,8 @@ _EXPORTS = {
     "PreferenceDataModule": "lit_rlhf.data",
     "PromptDataModule": "lit_rlhf.data",
     "SFTDataModule": "lit_rlhf.data",
+    "ScoredDataModule": "lit_rlhf.data",
+    "write_scored": "lit_rlhf.data",
     "DataFormatError": "lit_rlhf.data",
     "read_preferences": "lit_rlhf.data",
     "write_preferences": "lit_rlhf.data",
@@ -56,13 +60,16 @@ if TYPE_CHECKING:  # pragma: no cover
         DataFormatError,
         PreferenceDataModule,
         PromptDataModule,
+        ScoredDataModule,
         SFTDataModule,
         load_prompts,
         read_preferences,
         write_preferences,
+        write_scored,
     )
     from lit_rlhf.dpo import DPOModule, preference_loss  # noqa: F401
     from lit_rlhf.finetuning import export_pretrained  # noqa: F401
+    from lit_rlhf.ilql import ILQLModule, make_ilql_processor  # noqa: F401
     from lit_rlhf.judges import BradleyTerryAnnotator, VaderJudge  # noqa: F401
     from lit_rlhf.models import (  # noqa: F401
         LoraOptions,

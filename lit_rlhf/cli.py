@@ -17,6 +17,7 @@ STAGE_CLIS: dict[str, tuple[str, str, str]] = {
     "reward": ("lit_rlhf.reward:RewardModelModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.backbone"),
     "rl": ("lit_rlhf.rl.module:RLHFModule", "lit_rlhf.data.prompts:PromptDataModule", "model.policy"),
     "dpo": ("lit_rlhf.dpo:DPOModule", "lit_rlhf.data.preferences:PreferenceDataModule", "model.model"),
+    "ilql": ("lit_rlhf.ilql:ILQLModule", "lit_rlhf.data.scored:ScoredDataModule", "model.model"),
 }
 # stage -> data module defaults that differ from the class's own (a recipe or the command line can still set them)
 STAGE_DATA_DEFAULTS: dict[str, dict[str, object]] = {"dpo": {"data.encoding": "causal_lm"}}
@@ -35,6 +36,7 @@ stages (LightningCLI; SUBCOMMAND is fit, validate, test or predict):
                                               lit-rlhf rl fit --config recipes/rl/ppo_smollm2.yaml
   dpo        DPO / IPO / cDPO / SimPO on preference pairs
                                               lit-rlhf dpo fit --config recipes/dpo/smollm2_hh.yaml
+  ilql       offline RL on scored responses   lit-rlhf ilql fit --config recipes/ilql/smollm2.yaml
 other commands:
   pipeline   collect -> reward model -> RL -> evaluate -> report
              lit-rlhf pipeline --config recipes/pipeline/demo.yaml

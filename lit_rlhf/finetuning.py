@@ -129,6 +129,10 @@ class Exportable:
         """A critic to save with the model, in its ``critic/`` subfolder and with its tokenizer; None: no critic."""
         return None
 
+    def export_extras(self, path: Path) -> None:
+        """Save whatever else the export needs into ``path``, beside the model (ILQL's value heads); default none."""
+        return None
+
     def export(self, path: str | Path) -> Path:
         """Save a folder that the matching transformers Auto class loads with ``from_pretrained`` (LoRA merged)."""
         return export_module(self, path)
@@ -267,10 +271,13 @@ CRITIC_FOLDER = "critic"
 
 
 def export_module(module: Any, path: str | Path, critic: bool = True) -> Path:
-    """Save ``module.export_model()`` to ``path`` with ``export_pretrained`` and, with ``critic``, the module's
-    ``export_critic()`` (when it has one) to ``path/critic`` with the same tokenizer; returns ``path``."""
+    """Save ``module.export_model()`` to ``path`` with ``export_pretrained``, the module's ``export_extras(path)``
+    when it has them and, with ``critic``, its ``export_critic()`` (when it has one) to ``path/critic`` with the same
+    tokenizer; returns ``path``."""
     model, tokenizer = module.export_model()
     path = export_pretrained(model, tokenizer, path)
+    if callable(getattr(module, "export_extras", None)):
+        module.export_extras(path)
     critic_model = module.export_critic() if critic and callable(getattr(module, "export_critic", None)) else None
     if critic_model is not None:
         export_pretrained(critic_model, tokenizer, path / CRITIC_FOLDER)

@@ -14,7 +14,7 @@ RL_TINY = [path for path in RL_RECIPES if path.stem.endswith("_tiny")]
 
 
 def test_every_stage_has_recipes():
-    for stage in ("sft", "reward"):
+    for stage in STAGE_CLIS:
         assert list((RECIPES / stage).glob("*.yaml")), f"no recipe for stage {stage}"
 
 
@@ -94,6 +94,16 @@ def test_reward_tiny_recipe_fits_then_tests_from_checkpoint(tmp_path, capsys):
         ],
     )
     assert "test/accuracy" in capsys.readouterr().out
+
+
+def test_ilql_tiny_recipe_fits_and_exports_its_heads(tmp_path):
+    config = str(RECIPES / "ilql" / "tiny.yaml")
+    cli = run_stage("ilql", ["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.config.fit.data.tokenizer == "tiny-llama" and cli.trainer.global_step == 3
+    losses = {"train/loss", "train/loss/q", "train/loss/v", "train/loss/cql", "train/loss/awac", "val/loss"}
+    assert losses <= set(cli.trainer.callback_metrics)
+    folder = cli.model.export(tmp_path / "hf")
+    assert (folder / "ilql_heads.safetensors").is_file() and (folder / "config.json").is_file()
 
 
 class ParseOnlyCLI(StageCLI):
