@@ -134,23 +134,26 @@ class ILQLModule(FineTuningModule):
             input_ids=input_ids, attention_mask=batch["attention_mask"], output_hidden_states=True, use_cache=False
         )
         hidden = out.hidden_states[-1]
-        states, actions = hidden[:, :-1], input_ids[:, 1:]
-        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
-        rewards, done = terminal_rewards(batch["rewards"].float(), mask)
-        q_values = self.heads.q_values(states)  # (K, B, T, V)
-        q = q_values.gather(-1, actions.expand(q_values.shape[0], *actions.shape).unsqueeze(-1)).squeeze(-1)
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        rewards, done = terminal_rewards(batch["rewards"].float(), mask.float())
+        values = self.heads.values(hidden)  # V(s_t) and, one position on, V(s_{t+1})
+        # Only response tokens are actions: the vocabulary-sized Q heads run on those N positions alone, not on the
+        # prompt and padding (most of an hh-rlhf sequence), which saves most of the heads' cost.
+        states, actions = hidden[:, :-1][mask], input_ids[:, 1:][mask]  # (N, H), (N,)
+        v, next_v, rewards, done = values[:, :-1][mask], values[:, 1:][mask], rewards[mask], done[mask]
+        every = torch.ones_like(v)
+        q_values = self.heads.q_values(states)  # (K, N, V)
+        q = q_values.gather(-1, actions.expand(q_values.shape[0], -1).unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
             target_q = self.decoding_heads().action_values(states, actions)
-        values = self.heads.values(hidden)  # V(s_t) and, one position on, V(s_{t+1})
-        v, next_v = values[:, :-1], values[:, 1:]
         hp = self.hparams
         return ILQLTerms(
-            q=q_loss(q, rewards, next_v, done, mask, hp.gamma),
-            v=expectile_loss(target_q, v, mask, hp.tau),
-            cql=cql_loss(q_values, actions, mask),
-            awac=lm_loss(out.logits[:, :-1], actions, mask),
-            mean_q=masked_mean(q.detach().mean(0), mask),
-            mean_v=masked_mean(v.detach(), mask),
+            q=q_loss(q, rewards, next_v, done, every, hp.gamma),
+            v=expectile_loss(target_q, v, every, hp.tau),
+            cql=cql_loss(q_values, actions, every),
+            awac=lm_loss(out.logits[:, :-1], input_ids[:, 1:], mask.float()),
+            mean_q=masked_mean(q.detach().mean(0), every),
+            mean_v=masked_mean(v.detach(), every),
         )
 
     def loss(self, terms: ILQLTerms) -> Tensor:

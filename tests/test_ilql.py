@@ -164,6 +164,34 @@ def test_fit_logs_finite_losses_and_moves_the_target_heads(fitted):
     assert any(not torch.equal(t, q) for t, q in zip(targets, online, strict=True))  # α = ½ lags behind
 
 
+def test_terms_on_the_response_positions_equal_the_full_sequence_math(fitted):
+    # The module runs the Q heads on the N response positions only; on the full (B, T) tensors with the response
+    # mask, the pure functions must give the same numbers.
+    module, _, _ = fitted
+    data = tiny_data(max_length=64)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        terms = module.terms(batch)
+        out = module.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+        hidden = out.hidden_states[-1]
+        states, actions = hidden[:, :-1], batch["input_ids"][:, 1:]
+        mask = (batch["labels"][:, 1:] != -100).float()
+        rewards, done = terminal_rewards(batch["rewards"].float(), mask)
+        q_values = module.heads.q_values(states)
+        q = q_values.gather(-1, actions.expand(q_values.shape[0], *actions.shape).unsqueeze(-1)).squeeze(-1)
+        target_q = module.decoding_heads().action_values(states, actions)
+        values = module.heads.values(hidden)
+        hp = module.hparams
+        close(terms.q, q_loss(q, rewards, values[:, 1:], done, mask, hp.gamma))
+        close(terms.v, expectile_loss(target_q, values[:, :-1], mask, hp.tau))
+        close(terms.cql, cql_loss(q_values, actions, mask))
+        close(terms.awac, lm_loss(out.logits[:, :-1], actions, mask))
+    assert mask.sum() < mask.numel(), "the batch has prompt positions the heads skip"
+
+
 def test_a_checkpoint_restores_the_target_heads(fitted, tmp_path):
     module, _, trainer = fitted
     trainer.save_checkpoint(tmp_path / "ilql.ckpt")
