@@ -115,3 +115,45 @@ def make_ilql_processor(
         model = model if model is not None else source.model
     heads.to(next(model.parameters()).device)
     return partial(ILQLLogitsProcessor, model, heads, saved_beta if beta is None else beta)
+
+
+class ILQLDecoding:
+    """ILQL decoding as the two hooks ``PolicyGenerator.rollout(batch, algorithm)`` takes from an algorithm, so that a
+    rollout samples from π(a | s) ∝ π_β(a | s)·exp(β·(Q(s, a) − V(s))) and its log-probs (and so its KL to the
+    reference) are those of that distribution, not of the LM alone: the pipeline measures ILQL as it measures any
+    policy. The policy sampled must be the LM the heads were trained on. Exact at sampling temperature 1 (the
+    processor acts before the temperature, the transform after it).
+
+    Args:
+        heads: The Q heads and V head (``ILQLModule.decoding_heads`` or ``load_heads``).
+        beta: Scale of the perturbation; 0 is the LM alone.
+    """
+
+    def __init__(self, heads: QVHeads, beta: float) -> None:
+        if beta < 0:
+            raise ValueError(f"ILQL decoding needs beta >= 0, got {beta}.")
+        self.heads, self.beta = heads, beta
+
+    def logits_processor(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> LogitsProcessor:
+        """An :class:`ILQLLogitsProcessor` over ``policy`` for these prompts. Shape: (B, P)."""
+        return ILQLLogitsProcessor(policy, self.heads, self.beta, prompt_ids, prompt_mask)
+
+    @torch.no_grad()
+    def logits_transform(
+        self, policy: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+    ) -> Callable[[Tensor], Tensor]:
+        """Adds β·(min_i Q_i − V) at every response position to the policy's response logits.
+
+        Shape: sequences, attention_mask (B, P+T) -> a map of logits (B, T, V) to (B, T, V).
+        """
+        out = policy(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1][:, prompt_length - 1 : -1]
+        shift = self.beta * (self.heads.q_values(hidden).min(0).values - self.heads.values(hidden).unsqueeze(-1))
+        return lambda logits: logits + shift.to(logits.dtype)

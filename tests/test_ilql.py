@@ -290,3 +290,34 @@ def test_left_padding_changes_nothing_and_beta_zero_is_the_identity(fitted):
     assert torch.equal(identity(sequence, scores), scores)
     with pytest.raises(ValueError, match="do not start with the prompts"):
         ILQLLogitsProcessor(module.model, heads, 1.0, ids, mask)(sequence.flip(1), scores)
+
+
+def test_ilql_decoding_hooks_give_the_log_probs_of_the_distribution_sampled(fitted):
+    # One rollout through the algorithm hooks: the training-forward transform must reproduce, token by token, the
+    # scores the processor gave the sampler, so log-probs and KL are those of the ILQL policy.
+    from lit_rlhf.ilql_decoding import ILQLDecoding
+
+    module, _, _ = fitted
+    decoding = ILQLDecoding(module.decoding_heads(), beta=2.0)
+    models = PolicyModels(module.model, reference=None)
+    generator = PolicyGenerator(models, load_tokenizer(TINY_LLAMA), GenerationOptions(max_new_tokens=6))
+    prompt_ids, prompt_mask = generator.encode(["ab", "a longer prompt"])
+    torch.manual_seed(0)
+    samples = generator.samples(
+        ["ab", "x"], prompt_ids, prompt_mask, make_processor=partial_processor(decoding, module)
+    )
+    sequences, length = samples.sequences, prompt_ids.shape[1]
+    transform = decoding.logits_transform(module.model, sequences, samples.attention_mask, length)
+    outputs = models.outputs(sequences, samples.attention_mask, length, transform=transform, critic=False)
+    plain = models.outputs(sequences, samples.attention_mask, length, critic=False)
+    # Recompute the first response token's scores as the processor does, from the prompt alone.
+    processor = decoding.logits_processor(module.model, prompt_ids, prompt_mask)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    first = module.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions).logits[:, -1]
+    expected = processor(prompt_ids, first).log_softmax(-1).gather(-1, sequences[:, length : length + 1]).squeeze(-1)
+    close(outputs.logprobs[:, 0], expected, tol=1e-4)
+    assert not torch.allclose(outputs.logprobs, plain.logprobs), "beta 2 moves the log-probs"
+
+
+def partial_processor(decoding, module):
+    return lambda prompt_ids, prompt_mask: decoding.logits_processor(module.model, prompt_ids, prompt_mask)
