@@ -1,6 +1,6 @@
-"""The offline stages on the demo task: DPO trained on the demo's collected preference pairs, measured by the
-pipeline's own evaluate stage (gold win rate against the initial policy, KL, gold and proxy reward) beside the demo's
-PPO result (docs/offline.md).
+"""The offline stages on the demo task: DPO and ILQL trained on the demo's collected preference pairs, measured as
+the pipeline's evaluate stage measures a policy (gold win rate against the initial policy, KL, gold and proxy reward)
+beside the demo's PPO result (docs/offline.md).
 
     python scripts/measure_offline.py --source outputs/demo                 # reuse a finished demo run
     python scripts/measure_offline.py --source outputs/demo --dpo-epochs 2 --dpo-beta 0.05
@@ -10,6 +10,10 @@ PPO result (docs/offline.md).
 RL stage's LoRA adapter and ``trainable_layers`` on the source's ``collect/train.jsonl`` pairs (prompts rendered with
 the policy's chat template, as the pipeline samples them), its reference log-probs computed once. Its adapter is
 saved as the single RL snapshot of a copy of the run (``OUTPUT_DIR/dpo``), whose evaluate stage then runs, forced.
+ILQL trains its Q and V heads and the same LoRA adapter on the same pairs read as +1 / −1 rows; it is then
+sampled through the pipeline's generator with its decoding hooks (``ILQLDecoding``) at each ``--ilql-betas`` value,
+on the evaluate stage's held-out prompts, with the same seeds, and judged the same way: win rate against the initial
+policy's samples (drawn again here), KL of the ILQL distribution to the initial policy.
 Results: ``OUTPUT_DIR/offline.json`` and ``.md``.
 """
 
@@ -115,6 +119,102 @@ def train_dpo(config, source: Path, run_dir: Path, args: argparse.Namespace) -> 
     return {"train_seconds": seconds, "steps": trainer.global_step, "pairs": len(data.examples["train"]), **metrics}
 
 
+def train_ilql(config, source: Path, run_dir: Path, args: argparse.Namespace):
+    """Fit ``ILQLModule`` (LoRA on the RL stage's layers, the heads in full) on the source's pairs as ±1 rows."""
+    import lightning as L
+
+    from lit_rlhf.data.scored import ScoredDataModule
+    from lit_rlhf.ilql import ILQLModule
+
+    L.seed_everything(config.seed)
+    model = config.rl.model
+    module = ILQLModule(
+        config.policy,
+        lora=model.get("lora"),
+        trainable_layers=model.get("trainable_layers"),
+        learning_rate=args.ilql_lr,
+        alpha=args.ilql_alpha,
+        target_sync_every=1,
+        scheduler="linear",
+        warmup_ratio=0.1,
+        dtype=model.get("dtype", "float32"),
+    )
+    data = ScoredDataModule(
+        config.policy,
+        train_path=chat_rows(source / "collect" / "train.jsonl", run_dir / "ilql_train.jsonl", config.chat_template),
+        val_path=chat_rows(source / "collect" / "val.jsonl", run_dir / "ilql_val.jsonl", config.chat_template),
+        max_length=args.dpo_max_length,
+        batch_size=args.dpo_batch_size,
+        seed=config.seed,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=args.ilql_epochs,
+        precision=config.precision,
+        logger=L.pytorch.loggers.CSVLogger(run_dir, name="ilql_logs"),
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    seconds = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return module.eval(), {"train_seconds": seconds, "steps": trainer.global_step, **metrics}
+
+
+def evaluate_ilql(config, source: Path, module, betas: list[float]) -> dict[str, dict[str, Any]]:
+    """ILQL decoding at each β on the evaluate stage's held-out prompts, measured as the evaluate stage measures a
+    checkpoint (``_measure``, ``summarise``), with the initial policy sampled again under the same seed."""
+    import dataclasses
+
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from lit_rlhf.ilql_decoding import ILQLDecoding
+    from lit_rlhf.pipeline.common import RunPaths, generator, gold_judge_for, prompt_data, reward_model
+    from lit_rlhf.pipeline.evaluate import _measure, outcomes, summarise
+    from lit_rlhf.rl.kl import kl_k1
+
+    ec = config.evaluate
+    generation = dataclasses.replace(config.rl.model["generation"], num_samples=ec.samples_per_prompt)
+    policy = generator(config, generation, reward_model(config, RunPaths(source)), reference=True)
+    gold_judge = gold_judge_for(config)
+    loader = prompt_data(config, "heldout", ec.batch_size, ec.num_prompts).train_dataloader()
+    initial_adapter = {k: v.clone() for k, v in get_peft_model_state_dict(policy.models.policy).items()}
+    heads = module.decoding_heads()
+
+    def measure(decoding: ILQLDecoding | None) -> list[dict[str, Any]]:
+        torch.manual_seed(config.seed)  # as the evaluate stage seeds every checkpoint
+        rows = []
+        for batch in loader:
+            rollout = policy.rollout(batch, decoding)
+            mask = rollout.samples.response_mask
+            kl = (kl_k1(rollout.outputs.logprobs, rollout.ref_logprobs) * mask).sum(-1)
+            rows += _measure(rollout.samples, rollout.raw_scores, kl, rollout.ref_logprobs, gold_judge)
+        return rows
+
+    set_peft_model_state_dict(policy.models.policy, initial_adapter)
+    initial = measure(None)
+    initial_gold = torch.tensor([r["gold_reward"] for r in initial])
+    set_peft_model_state_dict(policy.models.policy, get_peft_model_state_dict(module.model))
+    results = {}
+    for beta in betas:
+        rows = measure(ILQLDecoding(heads, beta))
+        versus = outcomes(torch.tensor([r["gold_reward"] for r in rows]), initial_gold)
+        summary = summarise(rows)
+        results[f"ILQL (β {beta:g})"] = {
+            "win_rate": float(versus.mean()),
+            "wins_ties_losses": [int((versus == 1).sum()), int((versus == 0.5).sum()), int((versus == 0).sum())],
+            "kl": summary["kl"],
+            "gold_reward": summary["gold_reward"],
+            "proxy_reward": summary["proxy_reward"],
+            "initial_gold_reward": float(initial_gold.mean()),
+            "ref_perplexity": summary["ref_perplexity"],
+            "distinct_2": summary["distinct_2"],
+        }
+    return results
+
+
 def evaluate(run_dir: Path, pipeline_args: list[str]) -> dict[str, Any]:
     """The pipeline's evaluate stage on ``run_dir`` (forced), and its final-vs-initial numbers."""
     from lit_rlhf.pipeline import main
@@ -176,20 +276,34 @@ def main() -> None:
     parser.add_argument("--dpo-lr", type=float, default=5e-5)
     parser.add_argument("--dpo-epochs", type=int, default=1)
     parser.add_argument("--dpo-batch-size", type=int, default=8)
-    parser.add_argument("--dpo-max-length", type=int, default=256)
+    parser.add_argument("--dpo-max-length", type=int, default=256, help="also ILQL's")
+    parser.add_argument("--ilql-lr", type=float, default=5e-5)
+    parser.add_argument("--ilql-alpha", type=float, default=0.005, help="Polyak rate, synced every step")
+    parser.add_argument("--ilql-epochs", type=int, default=1)
+    parser.add_argument("--ilql-betas", default="1,4", help="decoding β values to measure, comma-separated")
+    parser.add_argument("--methods", default="dpo,ilql")
     args = parser.parse_args()
     source, out = Path(args.source), Path(args.output_dir)
     pipeline_args = ["--config", args.config]
     config = pipeline_config(pipeline_args)
     rows = {"PPO (the source run)": source_row(source)}
-    run_dir = out / "dpo"
-    copy_run(source, run_dir)
-    trained = train_dpo(config, source, run_dir, args)
-    rows[f"DPO ({args.dpo_loss}, β {args.dpo_beta}, {args.dpo_epochs} epoch(s))"] = {
-        **evaluate(run_dir, pipeline_args),
-        **trained,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    methods = args.methods.split(",")
+    if "dpo" in methods:
+        run_dir = out / "dpo"
+        copy_run(source, run_dir)
+        trained = train_dpo(config, source, run_dir, args)
+        rows[f"DPO ({args.dpo_loss}, β {args.dpo_beta}, {args.dpo_epochs} epoch(s))"] = {
+            **evaluate(run_dir, pipeline_args),
+            **trained,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    if "ilql" in methods:
+        run_dir = out / "ilql"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        module, trained = train_ilql(config, source, run_dir, args)
+        betas = [float(b) for b in args.ilql_betas.split(",")]
+        for name, row in evaluate_ilql(config, source, module, betas).items():
+            rows[name] = {**row, **trained, "peak_rss_mb": peak_rss_mb()}
     (out / "offline.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     (out / "offline.md").write_text(markdown(rows))
     print(markdown(rows))
