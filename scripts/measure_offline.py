@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--dpo-epochs", type=int, default=1)
     parser.add_argument("--dpo-batch-size", type=int, default=8)
     parser.add_argument("--dpo-max-length", type=int, default=256, help="also ILQL's")
-    parser.add_argument("--ilql-lr", type=float, default=5e-5)
+    parser.add_argument("--ilql-lr", type=float, default=2e-4, help="as recipes/ilql/smollm2.yaml")
     parser.add_argument("--ilql-alpha", type=float, default=0.005, help="Polyak rate, synced every step")
     parser.add_argument("--ilql-epochs", type=int, default=1)
     parser.add_argument("--ilql-betas", default="1,4", help="decoding β values to measure, comma-separated")
