@@ -73,6 +73,26 @@ def chat_rows(source: Path, target: Path, chat_template: bool) -> str:
     return str(target)
 
 
+def fit(config, module, data, run_dir: Path, name: str, epochs: int) -> dict[str, Any]:
+    """``epochs`` of ``module`` on ``data`` at the pipeline's precision, logged to ``run_dir/name``: wall time, steps
+    and the last validation metrics."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        precision=config.precision,
+        logger=L.pytorch.loggers.CSVLogger(run_dir, name=name),
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    seconds = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return {"train_seconds": seconds, "steps": trainer.global_step, "pairs": len(data.examples["train"]), **metrics}
+
+
 def train_dpo(config, source: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Fit ``DPOModule`` on the source's pairs and save its adapter as the run's only snapshot, ``iter-0001``."""
     import lightning as L
@@ -103,20 +123,9 @@ def train_dpo(config, source: Path, run_dir: Path, args: argparse.Namespace) -> 
         encoding="causal_lm",
         seed=config.seed,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=args.dpo_epochs,
-        precision=config.precision,
-        logger=L.pytorch.loggers.CSVLogger(run_dir, name="dpo_logs"),
-        enable_checkpointing=False,
-        log_every_n_steps=5,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, data)
-    seconds = time.perf_counter() - start
+    trained = fit(config, module, data, run_dir, "dpo_logs", args.dpo_epochs)
     module.model.save_pretrained(run_dir / "rl" / "checkpoints" / "iter-0001")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    return {"train_seconds": seconds, "steps": trainer.global_step, "pairs": len(data.examples["train"]), **metrics}
+    return trained
 
 
 def train_ilql(config, source: Path, run_dir: Path, args: argparse.Namespace):
@@ -147,19 +156,8 @@ def train_ilql(config, source: Path, run_dir: Path, args: argparse.Namespace):
         batch_size=args.dpo_batch_size,
         seed=config.seed,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=args.ilql_epochs,
-        precision=config.precision,
-        logger=L.pytorch.loggers.CSVLogger(run_dir, name="ilql_logs"),
-        enable_checkpointing=False,
-        log_every_n_steps=5,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, data)
-    seconds = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    return module.eval(), {"train_seconds": seconds, "steps": trainer.global_step, **metrics}
+    trained = fit(config, module, data, run_dir, "ilql_logs", args.ilql_epochs)
+    return module.eval(), trained
 
 
 def evaluate_ilql(config, source: Path, module, betas: list[float]) -> dict[str, dict[str, Any]]:

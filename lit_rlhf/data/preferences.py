@@ -138,16 +138,10 @@ class PreferenceDataset(Dataset):
         return max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"]))
 
 
-class PolicyPreferenceDataset(Dataset):
+class PolicyPreferenceDataset(PreferenceDataset):
     """Pairs encoded on access for a causal LM (DPO): each side is the prompt and its response as one sequence with
     labels on the response only (:func:`~lit_rlhf.data.encoding.encode_prompt_completion`); ``index`` names the
     example, so that per-example values (cached reference log-probs) can be looked up."""
-
-    def __init__(self, examples: list[PreferenceExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
-        self.examples, self.tokenizer, self.max_length = examples, tokenizer, max_length
-
-    def __len__(self) -> int:
-        return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
@@ -156,11 +150,6 @@ class PolicyPreferenceDataset(Dataset):
             ids, labels = encode_prompt_completion(self.tokenizer, example.prompt, response, self.max_length)
             item[f"{side}_input_ids"], item[f"{side}_labels"] = ids, labels
         return item
-
-    def length(self, index: int) -> int:
-        """Tokens of the longer side of pair ``index`` (what its batch pads to)."""
-        item = self[index]
-        return max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"]))
 
 
 class RankingDataset(Dataset):
