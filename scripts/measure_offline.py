@@ -10,7 +10,8 @@ beside the demo's PPO result (docs/offline.md).
 RL stage's LoRA adapter and ``trainable_layers`` on the source's ``collect/train.jsonl`` pairs (prompts rendered with
 the policy's chat template, as the pipeline samples them), its reference log-probs computed once. Its adapter is
 saved as the single RL snapshot of a copy of the run (``OUTPUT_DIR/dpo``), whose evaluate stage then runs, forced.
-ILQL trains its Q and V heads and the same LoRA adapter on the same pairs read as +1 / −1 rows; it is then
+ILQL trains its Q and V heads and the same LoRA adapter on the same collected responses, each scored by the source
+run's reward model (standardised; ``--ilql-rewards pairs`` reads the pairs as +1 / −1 rows instead); it is then
 sampled through the pipeline's generator with its decoding hooks (``ILQLDecoding``) at each ``--ilql-betas`` value,
 on the evaluate stage's held-out prompts, with the same seeds, and judged the same way: win rate against the initial
 policy's samples (drawn again here), KL of the ILQL distribution to the initial policy.
@@ -128,6 +129,25 @@ def train_dpo(config, source: Path, run_dir: Path, args: argparse.Namespace) -> 
     return trained
 
 
+def reward_scored_rows(config, source: Path, split: str, target: Path) -> str:
+    """Every distinct response of the source's collected pairs, scored by the source run's reward model and
+    standardised (mean 0, standard deviation 1 over the file), as ``prompt`` (a user message) / ``response`` /
+    ``reward`` rows: "the pipeline's collected samples scored by the reward model"."""
+    import statistics
+
+    from lit_rlhf.pipeline.common import RunPaths, reward_model
+
+    pairs = [json.loads(line) for line in (source / "collect" / f"{split}.jsonl").read_text().splitlines() if line]
+    responses = list(dict.fromkeys((row["prompt"], row[side]) for row in pairs for side in ("chosen", "rejected")))
+    scores = reward_model(config, RunPaths(source))([p for p, _ in responses], [r for _, r in responses]).tolist()
+    mean, spread = statistics.fmean(scores), statistics.pstdev(scores) or 1.0
+    with target.open("w") as handle:
+        for (prompt, response), score in zip(responses, scores, strict=True):
+            shown = [{"role": "user", "content": prompt}] if config.chat_template else prompt
+            handle.write(json.dumps({"prompt": shown, "response": response, "reward": (score - mean) / spread}) + "\n")
+    return str(target)
+
+
 def train_ilql(config, source: Path, run_dir: Path, args: argparse.Namespace):
     """Fit ``ILQLModule`` (LoRA on the RL stage's layers, the heads in full) on the source's pairs as ±1 rows."""
     import lightning as L
@@ -148,10 +168,16 @@ def train_ilql(config, source: Path, run_dir: Path, args: argparse.Namespace):
         warmup_ratio=0.1,
         dtype=model.get("dtype", "float32"),
     )
+    if args.ilql_rewards == "reward_model":
+        train = reward_scored_rows(config, source, "train", run_dir / "ilql_train.jsonl")
+        val = reward_scored_rows(config, source, "val", run_dir / "ilql_val.jsonl")
+    else:  # the pairs, each read as a +1 and a -1 row
+        train = chat_rows(source / "collect" / "train.jsonl", run_dir / "ilql_train.jsonl", config.chat_template)
+        val = chat_rows(source / "collect" / "val.jsonl", run_dir / "ilql_val.jsonl", config.chat_template)
     data = ScoredDataModule(
         config.policy,
-        train_path=chat_rows(source / "collect" / "train.jsonl", run_dir / "ilql_train.jsonl", config.chat_template),
-        val_path=chat_rows(source / "collect" / "val.jsonl", run_dir / "ilql_val.jsonl", config.chat_template),
+        train_path=train,
+        val_path=val,
         max_length=args.dpo_max_length,
         batch_size=args.dpo_batch_size,
         seed=config.seed,
@@ -279,6 +305,12 @@ def main() -> None:
     parser.add_argument("--ilql-alpha", type=float, default=0.005, help="Polyak rate, synced every step")
     parser.add_argument("--ilql-epochs", type=int, default=1)
     parser.add_argument("--ilql-betas", default="1,4", help="decoding β values to measure, comma-separated")
+    parser.add_argument(
+        "--ilql-rewards",
+        choices=["reward_model", "pairs"],
+        default="reward_model",
+        help="the collected responses scored by the source's reward model (standardised), or the pairs as ±1 rows",
+    )
     parser.add_argument("--methods", default="dpo,ilql")
     args = parser.parse_args()
     source, out = Path(args.source), Path(args.output_dir)
