@@ -60,17 +60,23 @@ def copy_run(source: Path, target: Path) -> None:
     (target / "rl" / "checkpoints").mkdir(parents=True)
 
 
-def chat_rows(source: Path, target: Path, chat_template: bool) -> str:
-    """The collected pairs with each prompt as a user message (rendered by the chat template when the pipeline
-    renders prompts with it), so DPO trains on the texts the policy is sampled from."""
-    rows = []
-    for line in source.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if chat_template:
-                row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-            rows.append(json.dumps(row))
-    target.write_text("\n".join(rows) + "\n")
+def collected_pairs(source: Path, split: str, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The source run's collected pairs of ``split`` (``collect/{split}.jsonl``); with ``limit``, that many of them
+    drawn at random (seeded), in file order."""
+    import random
+
+    pairs = [json.loads(line) for line in (source / "collect" / f"{split}.jsonl").read_text().splitlines() if line]
+    if limit is not None and limit < len(pairs):
+        kept = set(random.Random(seed).sample(range(len(pairs)), limit))
+        pairs = [pair for i, pair in enumerate(pairs) if i in kept]
+    return pairs
+
+
+def chat_rows(pairs: list[dict[str, Any]], target: Path, chat_template: bool) -> str:
+    """The pairs with each prompt as a user message (rendered by the chat template when the pipeline renders prompts
+    with it), so the offline methods train on the texts the policy is sampled from."""
+    shown = [{**row, "prompt": [{"role": "user", "content": row["prompt"]}]} if chat_template else row for row in pairs]
+    target.write_text("".join(json.dumps(row) + "\n" for row in shown))
     return str(target)
 
 
@@ -117,8 +123,8 @@ def train_dpo(config, source: Path, run_dir: Path, args: argparse.Namespace) -> 
     )
     data = PreferenceDataModule(
         config.policy,
-        train_path=chat_rows(source / "collect" / "train.jsonl", run_dir / "dpo_train.jsonl", config.chat_template),
-        val_path=chat_rows(source / "collect" / "val.jsonl", run_dir / "dpo_val.jsonl", config.chat_template),
+        train_path=chat_rows(train_pairs(source, args, config), run_dir / "dpo_train.jsonl", config.chat_template),
+        val_path=chat_rows(collected_pairs(source, "val"), run_dir / "dpo_val.jsonl", config.chat_template),
         max_length=args.dpo_max_length,
         batch_size=args.dpo_batch_size,
         encoding="causal_lm",
@@ -129,7 +135,12 @@ def train_dpo(config, source: Path, run_dir: Path, args: argparse.Namespace) -> 
     return trained
 
 
-def reward_scored_rows(config, source: Path, split: str, target: Path) -> str:
+def train_pairs(source: Path, args: argparse.Namespace, config) -> list[dict[str, Any]]:
+    """The training pairs both methods learn from: ``--max-pairs`` of the collected ones, or all."""
+    return collected_pairs(source, "train", args.max_pairs, config.seed)
+
+
+def reward_scored_rows(config, source: Path, pairs: list[dict[str, Any]], target: Path) -> str:
     """Every distinct response of the source's collected pairs, scored by the source run's reward model and
     standardised (mean 0, standard deviation 1 over the file), as ``prompt`` (a user message) / ``response`` /
     ``reward`` rows: "the pipeline's collected samples scored by the reward model"."""
@@ -137,7 +148,6 @@ def reward_scored_rows(config, source: Path, split: str, target: Path) -> str:
 
     from lit_rlhf.pipeline.common import RunPaths, reward_model
 
-    pairs = [json.loads(line) for line in (source / "collect" / f"{split}.jsonl").read_text().splitlines() if line]
     responses = list(dict.fromkeys((row["prompt"], row[side]) for row in pairs for side in ("chosen", "rejected")))
     scores = reward_model(config, RunPaths(source))([p for p, _ in responses], [r for _, r in responses]).tolist()
     mean, spread = statistics.fmean(scores), statistics.pstdev(scores) or 1.0
@@ -169,11 +179,11 @@ def train_ilql(config, source: Path, run_dir: Path, args: argparse.Namespace):
         dtype=model.get("dtype", "float32"),
     )
     if args.ilql_rewards == "reward_model":
-        train = reward_scored_rows(config, source, "train", run_dir / "ilql_train.jsonl")
-        val = reward_scored_rows(config, source, "val", run_dir / "ilql_val.jsonl")
+        train = reward_scored_rows(config, source, train_pairs(source, args, config), run_dir / "ilql_train.jsonl")
+        val = reward_scored_rows(config, source, collected_pairs(source, "val"), run_dir / "ilql_val.jsonl")
     else:  # the pairs, each read as a +1 and a -1 row
-        train = chat_rows(source / "collect" / "train.jsonl", run_dir / "ilql_train.jsonl", config.chat_template)
-        val = chat_rows(source / "collect" / "val.jsonl", run_dir / "ilql_val.jsonl", config.chat_template)
+        train = chat_rows(train_pairs(source, args, config), run_dir / "ilql_train.jsonl", config.chat_template)
+        val = chat_rows(collected_pairs(source, "val"), run_dir / "ilql_val.jsonl", config.chat_template)
     data = ScoredDataModule(
         config.policy,
         train_path=train,
@@ -312,6 +322,9 @@ def main() -> None:
         help="the collected responses scored by the source's reward model (standardised), or the pairs as ±1 rows",
     )
     parser.add_argument("--methods", default="dpo,ilql")
+    parser.add_argument(
+        "--max-pairs", type=int, default=None, help="learn from this many of the collected pairs (seeded draw)"
+    )
     args = parser.parse_args()
     source, out = Path(args.source), Path(args.output_dir)
     pipeline_args = ["--config", args.config]
