@@ -325,9 +325,10 @@ def main() -> None:
     parser.add_argument(
         "--max-pairs", type=int, default=None, help="learn from this many of the collected pairs (seeded draw)"
     )
+    parser.add_argument("--precision", default=None, help="override the pipeline's precision (e.g. 32-true)")
     args = parser.parse_args()
     source, out = Path(args.source), Path(args.output_dir)
-    pipeline_args = ["--config", args.config]
+    pipeline_args = ["--config", args.config] + (["--precision", args.precision] if args.precision else [])
     config = pipeline_config(pipeline_args)
     rows = {"PPO (the source run)": source_row(source)}
     methods = args.methods.split(",")
