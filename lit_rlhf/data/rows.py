@@ -77,19 +77,25 @@ def _text(row: Mapping[str, Any], field: str, file: str, line: int) -> str:
     return value
 
 
+def number(value: Any, field: str, file: str, line: int) -> float:
+    """``value`` as a finite float, or an error naming the field: booleans, empty text, other non-numbers and
+    nan / inf are refused."""
+    if isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        raise DataFormatError(file, line, field, f"expected a number, got {value!r}")
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise DataFormatError(file, line, field, f"expected a number, got {value!r}") from None
+    if not math.isfinite(result):
+        raise DataFormatError(file, line, field, f"must be finite, got {value!r}")
+    return result
+
+
 def _margin(row: Mapping[str, Any], file: str, line: int) -> float:
     value = row.get("margin")
     if value is None or (isinstance(value, str) and not value.strip()):
         return 0.0
-    if isinstance(value, bool):
-        raise DataFormatError(file, line, "margin", f"expected a number, got {value!r}")
-    try:
-        margin = float(value)
-    except (TypeError, ValueError):
-        raise DataFormatError(file, line, "margin", f"expected a number, got {value!r}") from None
-    if not math.isfinite(margin):
-        raise DataFormatError(file, line, "margin", f"must be finite, got {value!r}")
-    return margin
+    return number(value, "margin", file, line)
 
 
 def parse_messages(value: Any, field: str, file: str, line: int) -> list[Message]:

@@ -20,7 +20,7 @@ from lit_rlhf.data.chat import has_chat_template, render_messages
 from lit_rlhf.data.encoding import SFTCollator, encode_prompt_completion
 from lit_rlhf.data.errors import ROW, DataFormatError
 from lit_rlhf.data.loading import SplitDataModule
-from lit_rlhf.data.rows import parse_messages, parse_preference_row
+from lit_rlhf.data.rows import number, parse_messages, parse_preference_row
 from lit_rlhf.data.sources import load_examples
 from lit_rlhf.models import load_tokenizer
 
@@ -43,18 +43,6 @@ def _one_of(row: Mapping[str, Any], names: tuple[str, str], file: str, line: int
     if not present:
         raise DataFormatError(file, line, names[0], f"missing (or '{names[1]}')")
     return present[0], row[present[0]]
-
-
-def _reward(value: Any, field: str, file: str, line: int) -> float:
-    if isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
-        raise DataFormatError(file, line, field, f"expected a number, got {value!r}")
-    try:
-        reward = float(value)
-    except (TypeError, ValueError):
-        raise DataFormatError(file, line, field, f"expected a number, got {value!r}") from None
-    if not math.isfinite(reward):
-        raise DataFormatError(file, line, field, f"must be finite, got {value!r}")
-    return reward
 
 
 def parse_scored_row(
@@ -108,7 +96,7 @@ def parse_scored_row(
     if not isinstance(response, str):
         raise DataFormatError(file, line, response_field, f"expected text, got {type(response).__name__}")
     reward_field, value = _one_of(row, ("reward", "score"), file, line)
-    reward = _reward(value, reward_field, file, line)
+    reward = number(value, reward_field, file, line)
     if prompt is None:
         raise DataFormatError(file, line, "prompt", "missing")
     if not isinstance(prompt, str):
