@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,7 +20,7 @@ from lit_rlhf.data.encoding import (
 from lit_rlhf.data.loading import SplitDataModule
 from lit_rlhf.data.rankings import RankingExample, is_ranking_row, parse_ranking_row, ranking_from_pair
 from lit_rlhf.data.rows import PreferenceExample, parse_preference_row
-from lit_rlhf.data.sources import load_examples
+from lit_rlhf.data.sources import load_examples, write_json_lines
 from lit_rlhf.models import load_tokenizer
 
 PreferenceEncoding = Literal["reward_model", "causal_lm"]
@@ -93,24 +91,19 @@ def write_preferences(examples: Iterable[PreferenceExample | RankingExample], pa
     :class:`PreferenceDataModule` and :func:`read_preferences` read the file back to equal examples; ``margin`` is
     written only when it is not 0, and a ranking of two with a margin (a pair read among rankings) as the pair it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as handle:
-        for example in examples:
-            if isinstance(example, RankingExample) and example.margin and len(example.responses) == 2:
-                (better, worse), *_ = example.pairs
-                responses = example.responses
-                example = PreferenceExample(example.prompt, responses[better], responses[worse], example.margin)
-            row: dict[str, Any] = {"prompt": example.prompt}
-            if isinstance(example, RankingExample):
-                row |= {"responses": list(example.responses), "scores": list(example.scores)}
-            else:
-                row |= {"chosen": example.chosen, "rejected": example.rejected}
-                if example.margin:
-                    row["margin"] = example.margin
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+
+    def row(example: PreferenceExample | RankingExample) -> dict[str, Any]:
+        if isinstance(example, RankingExample) and example.margin and len(example.responses) == 2:
+            (better, worse), *_ = example.pairs
+            responses = example.responses
+            example = PreferenceExample(example.prompt, responses[better], responses[worse], example.margin)
+        fields: dict[str, Any] = {"prompt": example.prompt}
+        if isinstance(example, RankingExample):
+            return fields | {"responses": list(example.responses), "scores": list(example.scores)}
+        fields |= {"chosen": example.chosen, "rejected": example.rejected}
+        return fields | ({"margin": example.margin} if example.margin else {})
+
+    return write_json_lines(map(row, examples), path)
 
 
 class PreferenceDataset(Dataset):

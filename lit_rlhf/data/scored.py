@@ -3,8 +3,6 @@ rows, the writer the pipeline stores its scored samples with, and ``ScoredDataMo
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -21,7 +19,7 @@ from lit_rlhf.data.encoding import SFTCollator, encode_prompt_completion
 from lit_rlhf.data.errors import ROW, DataFormatError
 from lit_rlhf.data.loading import SplitDataModule
 from lit_rlhf.data.rows import number, parse_messages, parse_preference_row
-from lit_rlhf.data.sources import load_examples
+from lit_rlhf.data.sources import load_examples, write_json_lines
 from lit_rlhf.models import load_tokenizer
 
 
@@ -157,14 +155,9 @@ def write_scored(rows: Iterable[ScoredExample], path: str | Path) -> Path:
     (``chat_template`` off): write prompts as the policy saw them, or raw prompts and read them with
     ``chat_template`` on.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as handle:
-        for row in rows:
-            line = {"prompt": row.prompt, "response": row.response, "reward": float(row.reward)}
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return path
+    return write_json_lines(
+        ({"prompt": row.prompt, "response": row.response, "reward": float(row.reward)} for row in rows), path
+    )
 
 
 class ScoredDataset(Dataset):

@@ -1,5 +1,6 @@
 """Reading rows from local files (.jsonl / .json / .csv, optionally .gz, and .parquet), dataset folders and hub
-datasets, and parsing them all with one per-row parser that may skip and count bad rows."""
+datasets, and parsing them all with one per-row parser that may skip and count bad rows; writing rows as JSON
+lines."""
 
 from __future__ import annotations
 
@@ -305,3 +306,15 @@ def load_examples(
         reason = f"; first error: {first_errors[0]}" if first_errors else ""
         raise ValueError(f"{label}: no usable rows ({summary}){reason}.")
     return examples, stats
+
+
+def write_json_lines(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write one JSON object per line (UTF-8, gzip if the name ends in ``.gz``), creating the folder; returns the
+    path. The readers above read it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
