@@ -155,5 +155,6 @@ class ILQLDecoding:
             use_cache=False,
         )
         hidden = out.hidden_states[-1][:, prompt_length - 1 : -1]
-        shift = self.beta * (self.heads.q_values(hidden).min(0).values - self.heads.values(hidden).unsqueeze(-1))
-        return lambda logits: logits + shift.to(logits.dtype)
+        q = self.heads.q_values(hidden).min(0, keepdim=True).values  # (1, B, T, V): one head's worth kept
+        v = self.heads.values(hidden)
+        return lambda logits: perturbed_scores(logits, q, v, self.beta)

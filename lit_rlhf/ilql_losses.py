@@ -88,6 +88,7 @@ def perturbed_scores(scores: Tensor, q: Tensor, v: Tensor, beta: float) -> Tenso
     """ILQL's decoding: π(a | s) ∝ π_β(a | s)·exp(β·(Q(s, a) − V(s))), as scores: the LM's scores plus
     β·(min_i Q_i(s, ·) − V(s)). V(s) shifts a row's scores equally, so it leaves the distribution unchanged.
 
-    Shape: scores (B, V), q (K, B, V), v (B,) -> (B, V).
+    Shape: scores (B, V), q (K, B, V), v (B,) -> (B, V); or per position, scores (B, T, V), q (K, B, T, V),
+    v (B, T) -> (B, T, V).
     """
     return scores + beta * (q.min(0).values - v.unsqueeze(-1)).to(scores.dtype)
