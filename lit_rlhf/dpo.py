@@ -189,23 +189,24 @@ class DPOModule(FineTuningModule):
             torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "attention_mask", "labels")
         )  # type: ignore[return-value]
 
-    def _reference_logps(self, batch: dict[str, Tensor]) -> Tensor:
-        """The reference's summed log-probs of both sides, without gradients. Shape: batch of B pairs -> (2B,)."""
-        ids, mask, labels = self._stacked(batch)
+    def _reference_logps(self, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """The reference's summed log-probs of stacked sides (``_stacked``), without gradients. Shape: (2B, T) ->
+        (2B,)."""
         with torch.no_grad():
             if self.reference is not None:
                 return response_logprobs(self.reference, ids, mask, labels)[0]
             with self.model.disable_adapter():
                 return response_logprobs(self.model, ids, mask, labels)[0]
 
-    def _cached_reference(self, batch: dict[str, Tensor], split: str) -> Tensor:
-        """Reference log-probs of the batch, from the cache when it holds them. Shape: (2B,)."""
+    def _reference(self, batch: dict[str, Tensor], split: str, stacked: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Reference log-probs of the batch: from the cache of ``split`` when ``precompute`` filled it for every pair
+        of the batch, else computed on ``stacked``. Shape: (2B,)."""
         cache = self.reference_logps.get(split)
         if cache is not None and "index" in batch:
             rows = cache[batch["index"].cpu()]
             if not rows.isnan().any():
                 return rows.T.reshape(-1).to(self.device)
-        return self._reference_logps(batch)
+        return self._reference_logps(*stacked)
 
     def precompute(self, loader: Any, split: str) -> Tensor:
         """Fill the cache of ``split`` with the reference's log-probs of every pair that ``loader`` yields."""
@@ -223,7 +224,7 @@ class DPOModule(FineTuningModule):
                 if not missing[batch["index"]].any():
                     continue
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
-                logps = self._reference_logps(batch).float().cpu()
+                logps = self._reference_logps(*self._stacked(batch)).float().cpu()
                 cache[batch["index"].cpu()] = logps.reshape(2, -1).T
             self.train(was_training)
         self.reference_logps[split] = cache
@@ -245,14 +246,12 @@ class DPOModule(FineTuningModule):
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         hp = self.hparams
-        ids, mask, labels = self._stacked(batch)
-        logps, tokens = response_logprobs(self.model, ids, mask, labels)
+        stacked = self._stacked(batch)
+        logps, tokens = response_logprobs(self.model, *stacked)
         pairs = len(logps) // 2
-        if hp.loss == "simpo":
-            scores = logps / tokens.clamp(min=1)
-        else:
-            reference = self._cached_reference(batch, split) if hp.precompute_reference else None
-            scores = logps - (reference if reference is not None else self._reference_logps(batch))
+        # SimPO: the mean log-prob per token, no reference; the DPO family: the log-ratio to the reference.
+        simpo = hp.loss == "simpo"
+        scores = logps / tokens.clamp(min=1) if simpo else logps - self._reference(batch, split, stacked)
         chosen, rejected = scores[:pairs], scores[pairs:]
         losses = preference_loss(chosen, rejected, hp.beta, hp.loss, hp.label_smoothing, hp.simpo_gamma)
         loss = losses.mean()

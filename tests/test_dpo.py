@@ -142,7 +142,7 @@ def test_lora_reference_is_the_adapter_off():
                 parameter.normal_(0, 0.5)
     ids, mask, labels = DPOModule._stacked(batch)
     expected = response_logprobs(base, ids, mask, labels)[0]
-    torch.testing.assert_close(module._reference_logps(batch), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(module._reference_logps(ids, mask, labels), expected, atol=1e-4, rtol=1e-5)
     assert not torch.allclose(response_logprobs(module.model, ids, mask, labels)[0], expected, atol=1e-3)
 
 
@@ -168,7 +168,7 @@ def test_precomputed_reference_trains_like_the_live_one(tmp_path, monkeypatch):
     cached = DPOModule(model="tiny-llama", learning_rate=1e-3, warmup_ratio=0.0, precompute_reference=True)
     calls = []
     original = cached._reference_logps
-    monkeypatch.setattr(cached, "_reference_logps", lambda batch: calls.append(1) or original(batch))
+    monkeypatch.setattr(cached, "_reference_logps", lambda *stacked: calls.append(1) or original(*stacked))
     fit(cached, tmp_path / "cached")
     # 32 training pairs at batch 4 and 8 validation pairs at batch 4: 8 + 2 reference batches before the first
     # step, and none after it.
